@@ -1,0 +1,258 @@
+//! Evaluation metrics (CAPT-METHOD.md §7): top-1, macro-F1, base/novel harmonic mean, the
+//! confusion matrix, confusable pairs of a baseline and the Correction Rate against it, and
+//! a confusion heatmap image like the paper's Figure 1.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Row = true class, column = predicted class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfusionMatrix {
+    pub num_classes: usize,
+    pub counts: Vec<u64>,
+}
+
+impl ConfusionMatrix {
+    pub fn new(num_classes: usize) -> Self {
+        Self {
+            num_classes,
+            counts: vec![0; num_classes * num_classes],
+        }
+    }
+
+    pub fn add(&mut self, truth: usize, predicted: usize) {
+        self.counts[truth * self.num_classes + predicted] += 1;
+    }
+
+    pub fn get(&self, truth: usize, predicted: usize) -> u64 {
+        self.counts[truth * self.num_classes + predicted]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Top-1 accuracy in percent (0 for an empty matrix).
+    pub fn accuracy(&self) -> f64 {
+        let total = self.total();
+        if total == 0 {
+            return 0.0;
+        }
+        let correct: u64 = (0..self.num_classes).map(|c| self.get(c, c)).sum();
+        100.0 * correct as f64 / total as f64
+    }
+
+    /// Macro-averaged F1 in percent over classes that occur as truth or prediction.
+    pub fn macro_f1(&self) -> f64 {
+        let c = self.num_classes;
+        let mut sum = 0.0;
+        let mut n = 0usize;
+        for k in 0..c {
+            let tp = self.get(k, k) as f64;
+            let row: u64 = (0..c).map(|j| self.get(k, j)).sum();
+            let col: u64 = (0..c).map(|i| self.get(i, k)).sum();
+            if row == 0 && col == 0 {
+                continue;
+            }
+            let denom = row as f64 + col as f64;
+            sum += if denom > 0.0 { 2.0 * tp / denom } else { 0.0 };
+            n += 1;
+        }
+        if n == 0 {
+            0.0
+        } else {
+            100.0 * sum / n as f64
+        }
+    }
+
+    /// Off-diagonal cells with at least `min_errors` errors: the "confusable pairs" of a
+    /// baseline run (the paper uses 2).
+    pub fn confusable_pairs(&self, min_errors: u64) -> Vec<(usize, usize)> {
+        let c = self.num_classes;
+        let mut pairs = Vec::new();
+        for i in 0..c {
+            for j in 0..c {
+                if i != j && self.get(i, j) >= min_errors {
+                    pairs.push((i, j));
+                }
+            }
+        }
+        pairs
+    }
+
+    /// `CR = 1 - sum_pairs after[i,j] / sum_pairs before[i,j]`, in percent; `None` when the
+    /// baseline has no confusable pairs.
+    pub fn correction_rate(before: &Self, after: &Self, pairs: &[(usize, usize)]) -> Option<f64> {
+        let b: u64 = pairs.iter().map(|&(i, j)| before.get(i, j)).sum();
+        if b == 0 {
+            return None;
+        }
+        let a: u64 = pairs.iter().map(|&(i, j)| after.get(i, j)).sum();
+        Some(100.0 * (1.0 - a as f64 / b as f64))
+    }
+
+    /// The `n` largest off-diagonal cells, largest first.
+    pub fn top_confusions(&self, n: usize) -> Vec<(usize, usize, u64)> {
+        let c = self.num_classes;
+        let mut cells: Vec<(usize, usize, u64)> = (0..c)
+            .flat_map(|i| (0..c).map(move |j| (i, j)))
+            .filter(|&(i, j)| i != j)
+            .map(|(i, j)| (i, j, self.get(i, j)))
+            .filter(|&(_, _, v)| v > 0)
+            .collect();
+        cells.sort_by(|a, b| b.2.cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+        cells.truncate(n);
+        cells
+    }
+
+    /// Renders the row-normalised matrix as a heatmap PNG (white = 0, dark red = 1), each
+    /// cell `cell_px` square with a thin grid, written atomically.
+    pub fn write_heatmap_png(&self, path: &Path, cell_px: u32) -> std::io::Result<()> {
+        let c = self.num_classes as u32;
+        let px = cell_px.max(1);
+        let side = (c * px).max(1);
+        let mut img = image::RgbImage::from_pixel(side, side, image::Rgb([255, 255, 255]));
+        for i in 0..c {
+            let row: u64 = (0..c).map(|j| self.get(i as usize, j as usize)).sum();
+            for j in 0..c {
+                let v = if row == 0 {
+                    0.0
+                } else {
+                    self.get(i as usize, j as usize) as f64 / row as f64
+                };
+                let color = heat_color(v);
+                for y in 0..px {
+                    for x in 0..px {
+                        let grid = px >= 4 && (x == 0 || y == 0);
+                        let p = if grid {
+                            image::Rgb([220, 220, 220])
+                        } else {
+                            color
+                        };
+                        img.put_pixel(j * px + x, i * px + y, p);
+                    }
+                }
+            }
+        }
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(std::io::Error::other)?;
+        write_atomic(path, &bytes)
+    }
+}
+
+/// White -> yellow -> red -> dark red colour ramp for `v` in [0, 1].
+fn heat_color(v: f64) -> image::Rgb<u8> {
+    let v = v.clamp(0.0, 1.0);
+    let (r, g, b) = if v < 0.5 {
+        let t = v / 0.5;
+        (255.0, 255.0 - 55.0 * t, 255.0 * (1.0 - t))
+    } else {
+        let t = (v - 0.5) / 0.5;
+        (255.0 - 115.0 * t, 200.0 * (1.0 - t), 0.0)
+    };
+    image::Rgb([r as u8, g as u8, b as u8])
+}
+
+/// Harmonic mean of base and novel accuracy, `2BN / (B + N)` (0 when both are 0).
+pub fn harmonic_mean(base: f64, novel: f64) -> f64 {
+    if base + novel == 0.0 {
+        0.0
+    } else {
+        2.0 * base * novel / (base + novel)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
+/// readers never see a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(c: usize, pairs: &[(usize, usize, u64)]) -> ConfusionMatrix {
+        let mut m = ConfusionMatrix::new(c);
+        for &(i, j, n) in pairs {
+            for _ in 0..n {
+                m.add(i, j);
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn accuracy_and_macro_f1_by_hand() {
+        // class 0: 3 right, 1 -> class 1; class 1: 2 right.
+        let m = matrix(2, &[(0, 0, 3), (0, 1, 1), (1, 1, 2)]);
+        assert!((m.accuracy() - 500.0 / 6.0).abs() < 1e-9);
+        // F1_0 = 2*3/(4+3) = 6/7, F1_1 = 2*2/(2+3) = 4/5
+        let expect = 100.0 * (6.0 / 7.0 + 0.8) / 2.0;
+        assert!((m.macro_f1() - expect).abs() < 1e-9);
+    }
+
+    #[test]
+    fn correction_rate_over_confusable_pairs() {
+        let before = matrix(3, &[(0, 1, 4), (1, 2, 2), (2, 0, 1)]);
+        let pairs = before.confusable_pairs(2);
+        assert_eq!(pairs, vec![(0, 1), (1, 2)]);
+        let after = matrix(3, &[(0, 1, 1), (1, 2, 2), (2, 0, 5)]);
+        let cr = ConfusionMatrix::correction_rate(&before, &after, &pairs).unwrap();
+        assert!((cr - 50.0).abs() < 1e-9);
+        assert!(ConfusionMatrix::correction_rate(&after, &after, &[]).is_none());
+    }
+
+    #[test]
+    fn harmonic_mean_matches_table() {
+        assert!((harmonic_mean(69.34, 74.22) - 71.70).abs() < 0.01);
+        assert_eq!(harmonic_mean(0.0, 0.0), 0.0);
+    }
+
+    #[test]
+    fn heatmap_is_written_atomically_as_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heat.png");
+        matrix(3, &[(0, 0, 2), (0, 1, 2), (2, 2, 1)])
+            .write_heatmap_png(&path, 8)
+            .unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (24, 24));
+        // Row 0 splits 50/50; row 1 is empty (white).
+        assert_eq!(img.get_pixel(12, 12), &image::Rgb([255, 255, 255]));
+        assert_ne!(img.get_pixel(4, 4), &image::Rgb([255, 255, 255]));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn top_confusions_sorted() {
+        let m = matrix(3, &[(0, 1, 4), (1, 2, 2), (2, 0, 5), (1, 1, 9)]);
+        assert_eq!(m.top_confusions(2), vec![(2, 0, 5), (0, 1, 4)]);
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The project's test command (README: "Run the tests"). Sets up what the tests need on a
+# fresh machine, then runs format, lint and the whole workspace test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# ONNX Runtime for the ort backend tests and the Python ONNX checker: the PyPI wheel ships
+# libonnxruntime.so (ort's load-dynamic finds it through ORT_DYLIB_PATH). Optional: tests
+# that need it print a notice and skip when it is missing (no network, no pip).
+venv=.venv-test
+if [ -z "${ORT_DYLIB_PATH:-}" ] && [ "${CAPT_SKIP_PY:-0}" != 1 ]; then
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" 2>/dev/null || true
+  fi
+  if [ -x "$venv/bin/pip" ]; then
+    "$venv/bin/pip" install -q --disable-pip-version-check onnxruntime==1.32.0 onnx==1.23.2 numpy \
+      || echo "notice: could not install onnxruntime/onnx from PyPI; ort and checker tests will skip"
+  fi
+  lib=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1 || true)
+  if [ -n "$lib" ]; then
+    export ORT_DYLIB_PATH="$PWD/$lib"
+  fi
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import onnx" 2>/dev/null; then
+    export CAPT_PYTHON="$PWD/$venv/bin/python"
+  fi
+fi
+echo "ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-<unset>} CAPT_PYTHON=${CAPT_PYTHON:-<unset>}"
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked "$@"
