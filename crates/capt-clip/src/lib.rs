@@ -1,3 +1,27 @@
 //! `capt-clip` owns the CLIP backbone used by the trainer: text and vision towers written on
 //! autograd-safe candle ops (so prompt gradients flow), with slots for learned prompt
 //! embeddings, deep prompts and visual prompts, and loading of HF-format / OpenAI checkpoints.
+//!
+//! - [`ClipModel::load`] reads HF directories and OpenAI / open_clip safetensors state dicts;
+//!   [`ClipModel::new`] builds from any `VarBuilder` with HF tensor names.
+//! - [`ClipTextTower`]: `forward_ids`, `forward_embeds` (learned prompts, deep prompts),
+//!   `build_prompts` (context spliced after SOT).
+//! - [`ClipVisionTower`]: global + local projected features, deep visual prompts.
+//! - [`Mode`]: autograd-safe kernels, or fused ones when no gradient is needed (`Auto` decides).
+
+pub mod config;
+pub mod error;
+mod fast;
+mod layers;
+pub mod load;
+pub mod model;
+pub mod text;
+pub mod vision;
+
+pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
+pub use error::{ClipError, Result};
+pub use layers::Mode;
+pub use load::{backbone_hash, expected_tensors, resolve_checkpoint, CheckpointFiles, CheckpointFormat};
+pub use model::{l2_normalize, ClipModel};
+pub use text::{ClipTextTower, DeepTextPrompts, TextPrompts};
+pub use vision::{ClipVisionTower, VisionOutput, VisualPrompts};

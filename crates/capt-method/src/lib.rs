@@ -6,6 +6,8 @@
 
 pub mod bank;
 pub mod config;
+pub mod descriptions;
+pub mod head;
 pub mod metrics;
 
 pub use bank::{BankError, ConfusionBank, Observation};

@@ -1,9 +1,116 @@
-//! `capt-train data ...` (owned by the datasets work; see capt-data).
+//! `capt-train data ...`: dataset checks and few-shot splits (the work is in capt-data).
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct DataArgs {}
+use capt_data::{
+    check_dataset, CacheOutcome, Dataset, DatasetKind, FewShotCache, LoadOptions, Protocol,
+    Subsample,
+};
 
-pub fn run(_args: DataArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`capt-train data` is not wired yet")
+#[derive(clap::Args)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    command: DataCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum DataCommand {
+    /// Validate a dataset folder: counts per split and class, and every missing or
+    /// undecodable image and bad split entry (exit status 1 if there is any).
+    Check(CheckArgs),
+    /// Sample (or load) the few-shot split CoOp's way and print its sizes; writes
+    /// split_fewshot/shot_K-seed_S.json unless --no-cache.
+    Fewshot(FewshotArgs),
+}
+
+#[derive(clap::Args)]
+struct DatasetArgs {
+    /// Dataset name (CoOp's: OxfordPets, DescribableTextures, ImageNet, ..., or `custom`).
+    #[arg(long, value_name = "NAME")]
+    dataset: DatasetKind,
+    /// CoOp's $DATA folder (holding oxford_pets/, dtd/, ...); for `custom`, the dataset folder.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Use this split file instead of the dataset's split_zhou_*.json (relative paths are
+    /// looked up in the dataset folder).
+    #[arg(long, value_name = "FILE")]
+    split_file: Option<PathBuf>,
+}
+
+impl DatasetArgs {
+    fn options(&self) -> LoadOptions {
+        LoadOptions {
+            split_file: self.split_file.clone(),
+            ..LoadOptions::new(self.dataset, &self.root)
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// Only check that images exist (skip decoding).
+    #[arg(long)]
+    no_decode: bool,
+}
+
+#[derive(clap::Args)]
+struct FewshotArgs {
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[arg(long, default_value_t = 16)]
+    shots: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: i64,
+    /// all, base or new.
+    #[arg(long, default_value = "all")]
+    subsample: Subsample,
+    /// Cache folder (default: the dataset's split_fewshot/).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    no_cache: bool,
+}
+
+pub fn run(args: DataArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        DataCommand::Check(a) => {
+            let report = check_dataset(&a.data.options(), !a.no_decode);
+            print!("{}", report.render());
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DataCommand::Fewshot(a) => {
+            let ds = Dataset::load_with(&a.data.options())?;
+            let mut p = Protocol::new(a.shots, a.seed, a.subsample);
+            p.cache = match (a.no_cache, a.cache_dir) {
+                (true, _) => FewShotCache::Off,
+                (false, Some(d)) => FewShotCache::Dir(d),
+                (false, None) => FewShotCache::DatasetDir,
+            };
+            let (out, outcome) = ds.with_protocol(&p)?;
+            let how = match outcome {
+                CacheOutcome::Loaded => "loaded from cache",
+                CacheOutcome::Sampled => "sampled and cached",
+                CacheOutcome::SampledNotSaved => "sampled (cache not writable)",
+                CacheOutcome::Disabled => "sampled (no cache)",
+            };
+            println!(
+                "{} {}-shot seed {} subsample {}: {how}",
+                out.name, a.shots, a.seed, a.subsample
+            );
+            println!(
+                "classes {}  train {}  val {}  test {}",
+                out.num_classes(),
+                out.train().len(),
+                out.val().len(),
+                out.test().len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

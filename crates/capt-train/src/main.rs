@@ -1,9 +1,16 @@
 //! `capt-train`: the command line around capt's trainer crates (data checks, tuning,
 //! evaluation, benchmarks). Thin: argument parsing and reporting only.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use capt_data::{DatasetKind, Split, Subsample};
+use capt_method::Method;
+use capt_train::backbone::{parse_device, parse_dtype, BackboneSpec};
+use capt_train::config::RunConfig;
+use capt_train::evaluate::EvalSubsample;
+use capt_train::{b2n, bench, evaluate, fit, TrainError};
+use clap::{Args, Parser, Subcommand};
 
 mod data_cmd;
 
@@ -18,6 +25,261 @@ struct Cli {
 enum Command {
     /// Dataset tools (validate a CoOp-layout dataset folder).
     Data(data_cmd::DataArgs),
+    /// Train prompts (CoOp) or CAPT on a few-shot dataset; resumable checkpoints per epoch.
+    Fit(FitCli),
+    /// Evaluate a checkpoint: top-1, macro-F1, confusion matrix, base/novel/HM, Correction Rate.
+    Eval(EvalCli),
+    /// Evaluate zero-shot CLIP (hand-crafted prompts); writes the same report as `eval`.
+    Zeroshot(ZeroshotCli),
+    /// Base-to-novel benchmark over datasets, seeds and methods (Markdown + CSV table).
+    B2n(B2nCli),
+    /// Benchmarks.
+    Bench(BenchCli),
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    Method::parse(s).map_err(|e| e.to_string())
+}
+
+/// Config file + the overrides every training command shares.
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// TOML config: CaptConfig keys (method, [prompt], [bank], [sem], [sam], [mgde], [optim],
+    /// [data]) plus [trainer]; every key optional (spec defaults).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// zero-shot, coop, capt, capt-no-sem, capt-no-sam, capt-no-routing.
+    #[arg(long, value_parser = parse_method)]
+    method: Option<Method>,
+    #[arg(long)]
+    shots: Option<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Pairs re-encoded with gradient per step (trainer.grad_pairs; 0 = all the batch uses).
+    #[arg(long)]
+    grad_pairs: Option<usize>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<RunConfig, TrainError> {
+        let mut cfg = match &self.config {
+            Some(p) => RunConfig::from_toml_file(p)?,
+            None => RunConfig::default(),
+        };
+        if let Some(m) = self.method {
+            cfg.capt.method = m;
+        }
+        if let Some(v) = self.shots {
+            cfg.capt.data.shots = v;
+        }
+        if let Some(v) = self.epochs {
+            cfg.capt.optim.epochs = v;
+            // One epoch cannot hold a warm-up epoch too.
+            if v <= cfg.capt.optim.warmup_epochs {
+                cfg.capt.optim.warmup_epochs = v.saturating_sub(1);
+            }
+        }
+        if let Some(v) = self.lr {
+            cfg.capt.optim.lr = v;
+        }
+        if let Some(v) = self.batch_size {
+            cfg.capt.optim.batch_size = v;
+        }
+        if let Some(v) = self.grad_pairs {
+            cfg.trainer.grad_pairs = v;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The overrides as arguments (forwarded to child processes).
+    fn forward(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut push = |k: &str, val: Option<String>| {
+            if let Some(val) = val {
+                v.push(k.to_string());
+                v.push(val);
+            }
+        };
+        push("--config", self.config.as_ref().map(|p| p.display().to_string()));
+        push("--batch-size", self.batch_size.map(|x| x.to_string()));
+        push("--grad-pairs", self.grad_pairs.map(|x| x.to_string()));
+        v
+    }
+}
+
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Backbone weight dtype: f32, f16 or bf16 (learned tensors stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct FitCli {
+    /// Dataset name (OxfordPets, DescribableTextures / dtd, ...).
+    #[arg(long, value_name = "NAME")]
+    dataset: DatasetKind,
+    /// CoOp's $DATA folder.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    split_file: Option<PathBuf>,
+    /// CLIP checkpoint (HF folder or .safetensors), or `tiny` (random test model).
+    #[arg(long, value_name = "DIR|tiny")]
+    backbone: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Run seed (few-shot sampling, initialisation, batch order); default: first of data.seeds.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Classes to train on: all, base (base-to-novel protocol) or new.
+    #[arg(long, default_value = "all")]
+    subsample: Subsample,
+    /// Output folder (default runs/<dataset>/<method>/<subsample>-shots<K>-seed<S>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Continue the checkpoint in --out (bit-exact with an uninterrupted run on CPU).
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many epochs (resumable later with --resume).
+    #[arg(long, value_name = "N")]
+    stop_after: Option<usize>,
+    /// Feature cache folder (default <out>/feature-cache); share it between runs.
+    #[arg(long, value_name = "DIR")]
+    feature_cache: Option<PathBuf>,
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct EvalCli {
+    /// Checkpoint folder, or a run's --out folder (its LATEST checkpoint).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    #[arg(long, value_name = "NAME")]
+    dataset: DatasetKind,
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    split_file: Option<PathBuf>,
+    /// train, val or test.
+    #[arg(long, default_value = "test", value_parser = parse_split)]
+    split: Split,
+    /// all, base, new or b2n (both halves + HM); default b2n for a base-trained checkpoint.
+    #[arg(long)]
+    subsample: Option<EvalSubsample>,
+    /// A report.json to compare with (confusable pairs, Correction Rate).
+    #[arg(long, value_name = "REPORT.json")]
+    baseline: Option<PathBuf>,
+    /// Override the checkpoint's backbone path (must be the same weights).
+    #[arg(long, value_name = "DIR|tiny")]
+    backbone: Option<String>,
+    /// Output folder (default <checkpoint>/../eval-<split>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct ZeroshotCli {
+    #[arg(long, value_name = "NAME")]
+    dataset: DatasetKind,
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    split_file: Option<PathBuf>,
+    #[arg(long, value_name = "DIR|tiny")]
+    backbone: String,
+    #[arg(long, default_value = "test", value_parser = parse_split)]
+    split: Split,
+    #[arg(long, default_value = "all")]
+    subsample: EvalSubsample,
+    #[arg(long, value_name = "REPORT.json")]
+    baseline: Option<PathBuf>,
+    /// Config (prompt.template, bank.local_grid, trainer.eval_batch).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct B2nCli {
+    /// Comma-separated dataset names.
+    #[arg(long, value_delimiter = ',', required = true)]
+    datasets: Vec<DatasetKind>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    seeds: Vec<u64>,
+    #[arg(long, value_delimiter = ',', default_value = "zero-shot,coop,capt", value_parser = parse_method)]
+    methods: Vec<Method>,
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    #[arg(long, value_name = "DIR|tiny")]
+    backbone: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    #[arg(long, value_name = "DIR", default_value = "runs/b2n")]
+    out: PathBuf,
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct BenchCli {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// ms/step and peak RSS of CoOp vs CAPT (random ViT-B/16 text tower, cached features).
+    TrainStep(TrainStepCli),
+}
+
+#[derive(Args)]
+struct TrainStepCli {
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    classes: Vec<usize>,
+    /// Timed steps per configuration (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// b16 (ViT-B/16 text tower) or tiny.
+    #[arg(long, default_value = "b16")]
+    size: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Also run tools/ref_train_step.py with this Python (torch) for the CoOp reference.
+    #[arg(long, value_name = "PYTHON")]
+    torch: Option<String>,
+    #[arg(long, default_value = "tools/ref_train_step.py")]
+    torch_script: String,
+    /// Internal: measure one configuration (`--only coop --classes 10`) in this process.
+    #[arg(long, hide = true, value_parser = parse_method)]
+    only: Option<Method>,
+}
+
+fn parse_split(s: &str) -> Result<Split, String> {
+    match s {
+        "train" => Ok(Split::Train),
+        "val" => Ok(Split::Val),
+        "test" => Ok(Split::Test),
+        other => Err(format!("{other:?}: expected train, val or test")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -31,6 +293,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(args) => data_cmd::run(args),
+        Command::Fit(a) => run_fit(a).map_err(anyhow::Error::from),
+        Command::Eval(a) => run_eval(a).map_err(anyhow::Error::from),
+        Command::Zeroshot(a) => run_zeroshot(a).map_err(anyhow::Error::from),
+        Command::B2n(a) => run_b2n(a).map_err(anyhow::Error::from),
+        Command::Bench(BenchCli {
+            what: BenchWhat::TrainStep(a),
+        }) => run_bench(a).map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,
@@ -39,4 +308,141 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_fit(a: FitCli) -> Result<ExitCode, TrainError> {
+    let config = a.cfg.load()?;
+    let seed = a.seed.unwrap_or_else(|| config.capt.data.seeds.first().copied().unwrap_or(1));
+    let out = a.out.unwrap_or_else(|| {
+        PathBuf::from("runs")
+            .join(a.dataset.name())
+            .join(config.capt.method.name())
+            .join(format!("{}-shots{}-seed{seed}", a.subsample, config.capt.data.shots))
+    });
+    let summary = fit::fit(&fit::FitArgs {
+        dataset: a.dataset,
+        root: a.root,
+        split_file: a.split_file,
+        config,
+        backbone: BackboneSpec::parse(&a.backbone),
+        device: parse_device(&a.device.device)?,
+        dtype: parse_dtype(&a.device.dtype)?,
+        seed,
+        subsample: a.subsample,
+        out,
+        resume: a.resume,
+        stop_after: a.stop_after,
+        feature_cache: a.feature_cache,
+        progress: !a.no_progress,
+    })?;
+    let last = summary.logs.last();
+    println!(
+        "{} after {} epoch(s): checkpoint {}{}",
+        if summary.finished { "finished" } else { "stopped" },
+        summary.epochs_done,
+        summary.checkpoint.display(),
+        last.map_or(String::new(), |l| format!(" (train loss {:.4}, acc {:.1}%)", l.loss, l.acc))
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &evaluate::Report, out: &std::path::Path) {
+    for p in &r.parts {
+        let cr = p
+            .baseline
+            .as_ref()
+            .and_then(|b| b.correction_rate)
+            .map_or(String::new(), |v| format!(", Correction Rate {v:.2}%"));
+        println!(
+            "{} {} classes: top-1 {:.2}%, macro-F1 {:.2}% on {} images{cr}",
+            r.method,
+            p.part,
+            p.top1,
+            p.macro_f1,
+            p.images
+        );
+    }
+    if let (Some(b), Some(n), Some(h)) = (r.base, r.novel, r.hm) {
+        println!("base {b:.2} / novel {n:.2} / HM {h:.2}");
+    }
+    println!("report: {}", out.join("report.json").display());
+}
+
+fn run_eval(a: EvalCli) -> Result<ExitCode, TrainError> {
+    let (report, out) = evaluate::evaluate(&evaluate::EvalArgs {
+        checkpoint: Some(a.checkpoint),
+        dataset: a.dataset,
+        root: a.root,
+        split_file: a.split_file,
+        split: a.split,
+        subsample: a.subsample,
+        baseline: a.baseline,
+        backbone: a.backbone.as_deref().map(BackboneSpec::parse),
+        device: parse_device(&a.device.device)?,
+        dtype: parse_dtype(&a.device.dtype)?,
+        out: a.out,
+        config: RunConfig::default(),
+    })?;
+    print_report(&report, &out);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_zeroshot(a: ZeroshotCli) -> Result<ExitCode, TrainError> {
+    let config = match &a.config {
+        Some(p) => RunConfig::from_toml_file(p)?,
+        None => RunConfig::default(),
+    };
+    let (report, out) = evaluate::evaluate(&evaluate::EvalArgs {
+        checkpoint: None,
+        dataset: a.dataset,
+        root: a.root,
+        split_file: a.split_file,
+        split: a.split,
+        subsample: Some(a.subsample),
+        baseline: a.baseline,
+        backbone: Some(BackboneSpec::parse(&a.backbone)),
+        device: parse_device(&a.device.device)?,
+        dtype: parse_dtype(&a.device.dtype)?,
+        out: a.out,
+        config,
+    })?;
+    print_report(&report, &out);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_b2n(a: B2nCli) -> Result<ExitCode, TrainError> {
+    let config = a.cfg.load()?;
+    b2n::run(&b2n::B2nArgs {
+        datasets: a.datasets,
+        seeds: a.seeds,
+        methods: a.methods,
+        root: a.root,
+        config,
+        backbone: BackboneSpec::parse(&a.backbone),
+        device: parse_device(&a.device.device)?,
+        dtype: parse_dtype(&a.device.dtype)?,
+        out: a.out,
+        progress: !a.no_progress,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_bench(a: TrainStepCli) -> Result<ExitCode, TrainError> {
+    let config = a.cfg.load()?;
+    let only = match (a.only, a.classes.as_slice()) {
+        (Some(m), [c]) => Some((m, *c)),
+        (Some(_), _) => return Err(TrainError::Config("--only needs exactly one --classes value".into())),
+        (None, _) => None,
+    };
+    bench::run(&bench::BenchArgs {
+        classes: a.classes,
+        steps: a.steps.max(1),
+        size: a.size,
+        config,
+        only,
+        torch_python: a.torch,
+        torch_script: a.torch_script,
+        forward: a.cfg.forward(),
+    })?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,374 @@
+//! ONNX Runtime engine. The runtime library is loaded at run time (`load-dynamic`): from
+//! `--ort-lib`, else `ORT_DYLIB_PATH`, else the loader's usual paths; a missing or too old
+//! library is an error naming what was tried and the fix, never a panic. The execution
+//! provider (CPU, CUDA, TensorRT) is chosen at run time; a provider that cannot be used falls
+//! back to CPU only when the caller allows it, and the provider actually used is logged.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use capt_backend::{
+    check_batch, check_io_names, Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir, INPUT_NAME,
+    LOGITS_NAME, PROBS_NAME,
+};
+use ort::ep::{ExecutionProvider, ExecutionProviderDispatch, CUDA, TensorRT};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+const ENGINE: &str = "ort";
+/// Environment variable naming the ONNX Runtime shared library (the same one `ort` reads).
+pub const DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+/// Names tried through the dynamic loader's search path when nothing is configured.
+const DEFAULT_NAMES: [&str; 2] = ["libonnxruntime.so", "libonnxruntime.so.1"];
+const INSTALL_HINT: &str = "install it (`pip install onnxruntime==1.32.0`, or onnxruntime-gpu for CUDA/TensorRT) and pass --ort-lib or set ORT_DYLIB_PATH to .../onnxruntime/capi/libonnxruntime.so.*, or use --backend tract";
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+    TensorRt,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda),
+            "tensorrt" | "trt" => Ok(Self::TensorRt),
+            other => Err(format!("unknown device {other:?}; use cpu, cuda or tensorrt")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::TensorRt => "tensorrt",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OrtOptions {
+    /// Explicit path of libonnxruntime (`--ort-lib`); overrides `ORT_DYLIB_PATH`.
+    pub lib: Option<PathBuf>,
+    pub device: Device,
+    /// GPU ordinal for CUDA/TensorRT.
+    pub device_id: i32,
+    /// Run on CPU when the requested provider cannot be used, instead of failing.
+    pub allow_fallback: bool,
+    /// Intra-op threads; 0 lets ONNX Runtime decide (one per physical core).
+    pub threads: usize,
+}
+
+/// The loaded ONNX Runtime library (process-wide: a process holds one runtime and one environment).
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub lib: PathBuf,
+    pub version: String,
+    env: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+static RUNTIME_INIT: Mutex<()> = Mutex::new(());
+
+/// The library path that would be tried first: `explicit`, else `ORT_DYLIB_PATH`.
+pub fn configured_library(explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os(DYLIB_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// Loads ONNX Runtime once per process and returns it; later calls return the same runtime
+/// (a different `explicit` path is then ignored with a warning, as a process cannot hold two).
+pub fn runtime(explicit: Option<&Path>) -> Result<Runtime, BackendError> {
+    let _guard = RUNTIME_INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rt) = RUNTIME.get() {
+        if let Some(p) = explicit.filter(|p| *p != rt.lib) {
+            tracing::warn!(requested = %p.display(), loaded = %rt.lib.display(), "ONNX Runtime already loaded in this process; keeping the loaded one");
+        }
+        return Ok(rt.clone());
+    }
+    let unavailable = |reason: String| BackendError::Unavailable { engine: ENGINE, reason };
+    let candidates: Vec<PathBuf> = match configured_library(explicit) {
+        Some(p) => {
+            if !p.is_file() {
+                let source = if explicit.is_some() { "--ort-lib" } else { DYLIB_ENV };
+                return Err(unavailable(format!(
+                    "ONNX Runtime library {} (from {source}) does not exist; {INSTALL_HINT}",
+                    p.display()
+                )));
+            }
+            vec![p]
+        }
+        None => DEFAULT_NAMES.iter().map(PathBuf::from).collect(),
+    };
+    let mut tried = Vec::new();
+    for cand in &candidates {
+        match ort::init_from(cand) {
+            Ok(builder) => {
+                let env = builder
+                    .with_name("capt-edge")
+                    .build()
+                    .map_err(|e| unavailable(format!("cannot create the ONNX Runtime environment: {e}")))?;
+                let version = library_version();
+                let rt = Runtime {
+                    lib: cand.clone(),
+                    version,
+                    env,
+                };
+                tracing::info!(lib = %rt.lib.display(), version = %rt.version, "loaded ONNX Runtime");
+                let _ = RUNTIME.set(rt.clone());
+                return Ok(rt);
+            }
+            Err(e @ ort::LoadDynamicError::BadVersion { .. }) => {
+                return Err(unavailable(format!(
+                    "{e}; capt-edge needs ONNX Runtime >= 1.31 ({INSTALL_HINT})"
+                )))
+            }
+            Err(e) => tried.push(e.to_string()),
+        }
+    }
+    Err(unavailable(format!(
+        "no ONNX Runtime library found ({}); {INSTALL_HINT}",
+        tried.join("; ")
+    )))
+}
+
+/// "1.32.0" from ONNX Runtime's build string (`git-branch=rel-1.32.0, ...`), else the raw string.
+fn library_version() -> String {
+    let info = ort::info();
+    info.split([',', ' '])
+        .find_map(|part| part.strip_prefix("git-branch=rel-"))
+        .map(str::to_string)
+        .unwrap_or_else(|| info.chars().take(80).collect())
+}
+
+/// A loaded classifier session; created once, shared (ONNX Runtime sessions run one call at a
+/// time through `&mut`, so concurrent callers queue on the mutex; the server batches anyway).
+pub struct OrtBackend {
+    session: Mutex<Session>,
+    crop: usize,
+    provider: &'static str,
+    runtime: Runtime,
+    threads: usize,
+}
+
+impl OrtBackend {
+    pub fn load(model: &ModelDir, opts: &OrtOptions) -> Result<Self, BackendError> {
+        let runtime = runtime(opts.lib.as_deref())?;
+        let path = model.classifier_path();
+        let crop = model.manifest.preprocess.crop as usize;
+        let (session, provider) = create_session(&runtime, &path, opts)?;
+        check_contract(&session, &path, crop)?;
+        tracing::info!(
+            requested = %opts.device,
+            provider,
+            lib = %runtime.lib.display(),
+            version = %runtime.version,
+            "ort session ready; execution provider in use: {provider}"
+        );
+        Ok(Self {
+            session: Mutex::new(session),
+            crop,
+            provider,
+            runtime,
+            threads: opts.threads,
+        })
+    }
+
+    /// The execution provider the session was created with, e.g. "CUDAExecutionProvider".
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+}
+
+fn ep_list(device: Device, device_id: i32) -> Vec<ExecutionProviderDispatch> {
+    match device {
+        Device::Cpu => vec![],
+        Device::Cuda => vec![CUDA::default().with_device_id(device_id).build().error_on_failure()],
+        Device::TensorRt => vec![
+            TensorRT::default().with_device_id(device_id).build().error_on_failure(),
+            // Nodes TensorRT does not take run on CUDA, as ONNX Runtime recommends.
+            CUDA::default().with_device_id(device_id).build(),
+        ],
+    }
+}
+
+fn provider_name(device: Device) -> &'static str {
+    match device {
+        Device::Cpu => "CPUExecutionProvider",
+        Device::Cuda => CUDA::NAME,
+        Device::TensorRt => TensorRT::NAME,
+    }
+}
+
+/// Why `device` cannot be used with this library, if it cannot.
+fn unavailable_reason(device: Device, rt: &Runtime) -> Option<String> {
+    let available = match device {
+        Device::Cpu => return None,
+        Device::Cuda => CUDA::is_available(),
+        Device::TensorRt => TensorRT::is_available(),
+    };
+    match available {
+        Ok(true) => None,
+        Ok(false) => Some(format!(
+            "{} is not built into the ONNX Runtime at {} (a CPU-only build?); use the onnxruntime-gpu library",
+            provider_name(device),
+            rt.lib.display()
+        )),
+        Err(e) => Some(format!("cannot query execution providers: {e}")),
+    }
+}
+
+fn create_session(rt: &Runtime, path: &Path, opts: &OrtOptions) -> Result<(Session, &'static str), BackendError> {
+    let mut device = opts.device;
+    if let Some(reason) = unavailable_reason(device, rt) {
+        device = fall_back(opts, device, &reason)?;
+    }
+    match try_session(rt, path, opts, device) {
+        Ok(s) => Ok((s, provider_name(device))),
+        Err(reason) if device != Device::Cpu => {
+            let device = fall_back(opts, device, &reason)?;
+            try_session(rt, path, opts, device)
+                .map(|s| (s, provider_name(device)))
+                .map_err(|reason| load_error(path, reason))
+        }
+        Err(reason) => Err(load_error(path, reason)),
+    }
+}
+
+/// CPU when falling back is allowed, else the error that says how to proceed.
+fn fall_back(opts: &OrtOptions, device: Device, reason: &str) -> Result<Device, BackendError> {
+    if opts.allow_fallback {
+        tracing::warn!(requested = %device, "{reason}; falling back to CPUExecutionProvider (--allow-fallback)");
+        Ok(Device::Cpu)
+    } else {
+        Err(BackendError::Unavailable {
+            engine: ENGINE,
+            reason: format!(
+                "--device {device} requested but {reason}; pass --allow-fallback to run on CPU instead, or --device cpu"
+            ),
+        })
+    }
+}
+
+fn load_error(path: &Path, reason: String) -> BackendError {
+    BackendError::Load {
+        engine: ENGINE,
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn try_session(rt: &Runtime, path: &Path, opts: &OrtOptions, device: Device) -> Result<Session, String> {
+    // SessionBuilder errors carry the builder and are !Send; keep only their message.
+    let s = |e: ort::Error<SessionBuilder>| e.to_string();
+    let mut builder = Session::builder(&rt.env)
+        .map_err(|e| e.to_string())?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(s)?
+        .with_inter_threads(1)
+        .map_err(s)?;
+    if opts.threads > 0 {
+        builder = builder.with_intra_threads(opts.threads).map_err(s)?;
+    }
+    let eps = ep_list(device, opts.device_id);
+    if !eps.is_empty() {
+        builder = builder
+            .with_execution_providers(eps)
+            .map_err(|e| format!("cannot register {}: {e}", provider_name(device)))?;
+    }
+    builder.commit_from_file(path).map_err(|e| e.to_string())
+}
+
+fn check_contract(session: &Session, path: &Path, crop: usize) -> Result<(), BackendError> {
+    let names = |v: &[ort::value::Outlet]| v.iter().map(|o| o.name().to_string()).collect::<Vec<_>>();
+    check_io_names(path, &names(session.inputs()), &names(session.outputs()))?;
+    let contract = |detail: String| BackendError::Contract {
+        path: path.to_path_buf(),
+        detail,
+    };
+    match session.inputs()[0].dtype() {
+        ValueType::Tensor { ty, shape, .. } => {
+            if *ty != TensorElementType::Float32 {
+                return Err(contract(format!("input `{INPUT_NAME}` has element type {ty}, expected float32")));
+            }
+            let want = [-1, 3, crop as i64, crop as i64];
+            let ok = shape.len() == 4 && shape.iter().zip(want).skip(1).all(|(d, w)| *d == -1 || *d == w);
+            if !ok {
+                let shown: Vec<String> = shape
+                    .iter()
+                    .map(|d| if *d < 0 { "?".into() } else { d.to_string() })
+                    .collect();
+                return Err(contract(format!(
+                    "input `{INPUT_NAME}` has shape [{}], expected [N,3,{crop},{crop}] (crop from capt.json)",
+                    shown.join(",")
+                )));
+            }
+        }
+        other => return Err(contract(format!("input `{INPUT_NAME}` is {other:?}, not a tensor"))),
+    }
+    Ok(())
+}
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        ENGINE
+    }
+
+    fn describe(&self) -> String {
+        let threads = match self.threads {
+            0 => "default threads".to_string(),
+            t => format!("{t} threads"),
+        };
+        format!("onnxruntime {} ({}, {threads})", self.runtime.version, self.provider)
+    }
+
+    fn classify(&self, batch: &ImageBatch) -> Result<ClassifierOutput, BackendError> {
+        check_batch(batch, self.crop)?;
+        let run_err = |e: ort::Error| BackendError::Run {
+            engine: ENGINE,
+            reason: e.to_string(),
+        };
+        let input = TensorRef::from_array_view((batch.shape(), batch.data.as_slice())).map_err(run_err)?;
+        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let outputs = session.run(ort::inputs![INPUT_NAME => input]).map_err(run_err)?;
+        let take = |name: &str| -> Result<(Vec<usize>, Vec<f32>), BackendError> {
+            let (shape, data) = outputs[name].try_extract_tensor::<f32>().map_err(run_err)?;
+            Ok((shape.iter().map(|d| (*d).max(0) as usize).collect(), data.to_vec()))
+        };
+        ClassifierOutput::from_parts(ENGINE, batch.n, take(LOGITS_NAME)?, take(PROBS_NAME)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_parses() {
+        assert_eq!("CUDA".parse::<Device>().unwrap(), Device::Cuda);
+        assert_eq!("tensorrt".parse::<Device>().unwrap(), Device::TensorRt);
+        assert!("tpu".parse::<Device>().unwrap_err().contains("cpu, cuda or tensorrt"));
+        assert_eq!(Device::TensorRt.to_string(), "tensorrt");
+    }
+
+    #[test]
+    fn explicit_path_wins_over_env() {
+        let p = configured_library(Some(Path::new("/x/libonnxruntime.so")));
+        assert_eq!(p.unwrap(), PathBuf::from("/x/libonnxruntime.so"));
+    }
+}

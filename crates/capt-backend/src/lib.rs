@@ -1,0 +1,16 @@
+//! `capt-backend`: what every capt edge inference engine shares. The [`Backend`] trait (one
+//! loaded `classifier.onnx`, shared by all requests), the exported model directory with its
+//! [`Manifest`] (`capt.json`) and validation, and small helpers (top-k, warm-up checks).
+//! No engine lives here: see `capt-backend-tract` and `capt-backend-ort`.
+
+pub mod backend;
+pub mod manifest;
+
+pub use backend::{
+    check_batch, check_io_names, synthetic_batch, top_k, warm_up, Backend, BackendError, ClassifierOutput,
+    INPUT_NAME, LOGITS_NAME, PROBS_NAME,
+};
+pub use capt_core::{ImageBatch, PreprocessConfig};
+pub use manifest::{
+    sha256_file, FileEntry, Manifest, ModelDir, ModelDirError, ModelFiles, FORMAT_VERSION, MANIFEST_FILE,
+};

@@ -1,0 +1,195 @@
+//! `capt-edge bench`: cold start (process start to a warmed-up model), then latency
+//! percentiles and throughput per batch size on the deterministic synthetic input, and peak RSS.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use capt_backend::synthetic_batch;
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineArgs};
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// Call first thing in `main` so cold start includes argument parsing and library loading.
+pub fn mark_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
+}
+
+fn since_start() -> f64 {
+    PROCESS_START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Exported model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Batch sizes to time, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// Timed runs per batch size.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Stop a batch size early after this many seconds of timed runs.
+    #[arg(long, default_value_t = 60.0)]
+    pub max_seconds: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchStats {
+    pub batch: usize,
+    pub runs: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+    pub images_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub backend: String,
+    /// Process start to model loaded and warmed up.
+    pub cold_start_ms: f64,
+    /// Manifest check + hash + session creation + warm-up.
+    pub load_ms: f64,
+    pub batches: Vec<BatchStats>,
+    /// Peak resident set size (VmHWM), MiB; None where /proc is unavailable.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Nearest-rank percentile of sorted samples.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Builds stats from per-run latencies in seconds.
+pub fn stats(batch: usize, mut secs: Vec<f64>) -> BatchStats {
+    secs.sort_by(f64::total_cmp);
+    let ms: Vec<f64> = secs.iter().map(|s| s * 1e3).collect();
+    let total: f64 = secs.iter().sum();
+    BatchStats {
+        batch,
+        runs: ms.len(),
+        p50_ms: percentile(&ms, 50.0),
+        p90_ms: percentile(&ms, 90.0),
+        p99_ms: percentile(&ms, 99.0),
+        mean_ms: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
+        images_per_second: if total > 0.0 {
+            (batch * secs.len()) as f64 / total
+        } else {
+            0.0
+        },
+    }
+}
+
+/// Peak RSS of this process in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
+    anyhow::ensure!(
+        args.batch.iter().all(|b| (1..=1024).contains(b)),
+        "--batch sizes must be between 1 and 1024"
+    );
+    let engine = Engine::load(&args.model, &args.engine)?;
+    let cold_start_ms = since_start() * 1e3;
+    let crop = engine.model.manifest.preprocess.crop as usize;
+    let limit = Duration::from_secs_f64(args.max_seconds.max(0.0));
+    let mut batches = Vec::new();
+    for &n in &args.batch {
+        let input = synthetic_batch(n, crop);
+        for _ in 0..args.warmup {
+            engine.backend.classify(&input)?;
+        }
+        let mut secs = Vec::with_capacity(args.iters);
+        let began = Instant::now();
+        for _ in 0..args.iters {
+            let t = Instant::now();
+            engine.backend.classify(&input)?;
+            secs.push(t.elapsed().as_secs_f64());
+            if began.elapsed() > limit {
+                break;
+            }
+        }
+        batches.push(stats(n, secs));
+    }
+    Ok(BenchReport {
+        model: engine.model.manifest.model_name.clone(),
+        backend: engine.backend.describe(),
+        cold_start_ms,
+        load_ms: engine.load_seconds * 1e3,
+        batches,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+pub fn print_table(r: &BenchReport, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    writeln!(out, "model {}  backend {}", r.model, r.backend)?;
+    writeln!(out, "cold start {:.1} ms (load + warm-up {:.1} ms)", r.cold_start_ms, r.load_ms)?;
+    writeln!(
+        out,
+        "{:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s"
+    )?;
+    for b in &r.batches {
+        writeln!(
+            out,
+            "{:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>12.1}",
+            b.batch, b.runs, b.p50_ms, b.p90_ms, b.p99_ms, b.mean_ms, b.images_per_second
+        )?;
+    }
+    match r.peak_rss_mib {
+        Some(m) => writeln!(out, "peak RSS {m:.1} MiB"),
+        None => writeln!(out, "peak RSS unavailable"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 90.0), 3.0);
+        let s = stats(4, vec![0.002, 0.001, 0.003]);
+        assert_eq!(s.p50_ms, 2.0);
+        assert!((s.images_per_second - 2000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn reads_peak_rss() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_mib().unwrap() > 0.0);
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Command-line interface of the `capt-edge` binary.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::batcher::BatchConfig;
+use crate::bench::BenchArgs;
+use crate::classify::ClassifyArgs;
+use crate::engine::EngineArgs;
+use crate::input::InputLimits;
+use crate::loadtest::LoadtestArgs;
+use crate::server::ServerConfig;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "capt-edge", version, about = "Serve and run exported capt image classifiers on tract or ONNX Runtime")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Classify image files, folders or stdin.
+    Classify(ClassifyArgs),
+    /// Serve the model over HTTP with dynamic batching.
+    Serve(ServeArgs),
+    /// Time the model: cold start, latency percentiles, throughput, peak RSS.
+    Bench(BenchArgs),
+    /// Load-test a running server on this machine.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Exported model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Listen address. Binding a non-loopback address exposes the server: set --api-key.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Most images per backend call.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Longest wait (ms) for a batch to fill after its first image arrived.
+    #[arg(long, default_value_t = 5)]
+    pub max_wait_ms: u64,
+    /// Most images waiting in the queue; beyond it requests get 503 + Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Batch worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Largest request body in bytes (413 above).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// Largest image in pixels (width*height), checked on the header (413 above).
+    #[arg(long, default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+    /// Most images per request (413 above).
+    #[arg(long, default_value_t = 64)]
+    pub max_images: usize,
+    /// Per-request time limit in ms (504 above).
+    #[arg(long, default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+    /// Default number of labels per image (`?top_k=` overrides).
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Require `Authorization: Bearer KEY` (all routes but /healthz and /readyz). Prefer the
+    /// CAPT_API_KEY variable or --api-key-file: arguments are visible to other local users.
+    #[arg(long, env = "CAPT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Read the API key from this file (first line).
+    #[arg(long, conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl ServeArgs {
+    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        anyhow::ensure!(self.max_batch >= 1, "--max-batch must be at least 1");
+        anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
+        anyhow::ensure!(self.queue_capacity >= 1, "--queue-capacity must be at least 1");
+        anyhow::ensure!(self.max_images >= 1, "--max-images must be at least 1");
+        anyhow::ensure!(self.top_k >= 1, "--top-k must be at least 1");
+        anyhow::ensure!(self.request_timeout_ms >= 1, "--request-timeout-ms must be at least 1");
+        let api_key = match &self.api_key_file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read --api-key-file {}: {e}", p.display()))?;
+                Some(text.lines().next().unwrap_or("").trim().to_string())
+            }
+            None => self.api_key.clone(),
+        };
+        if let Some(k) = &api_key {
+            anyhow::ensure!(k.len() >= 8, "the API key must be at least 8 characters");
+        }
+        Ok(ServerConfig {
+            batch: BatchConfig {
+                max_batch: self.max_batch,
+                max_wait: Duration::from_millis(self.max_wait_ms),
+                queue_capacity: self.queue_capacity,
+                workers: self.workers,
+            },
+            body_limit: self.body_limit,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            api_key,
+            limits: InputLimits {
+                max_pixels: self.max_pixels,
+                max_images: self.max_images,
+            },
+            default_top_k: self.top_k,
+            retry_after_seconds: 1,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_serve_flags() {
+        let cli = Cli::try_parse_from([
+            "capt-edge", "serve", "--model", "m", "--max-batch", "4", "--backend", "ort", "--device", "cuda",
+            "--allow-fallback", "--api-key", "0123456789",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else { panic!("not serve") };
+        let cfg = s.server_config().unwrap();
+        assert_eq!(cfg.batch.max_batch, 4);
+        assert_eq!(cfg.api_key.as_deref(), Some("0123456789"));
+        assert!(s.engine.allow_fallback);
+    }
+
+    #[test]
+    fn rejects_short_key_and_bad_device() {
+        let cli = Cli::try_parse_from(["capt-edge", "serve", "--model", "m", "--api-key", "abc"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!("not serve") };
+        assert!(s.server_config().unwrap_err().to_string().contains("at least 8"));
+        assert!(Cli::try_parse_from(["capt-edge", "bench", "--model", "m", "--device", "tpu"]).is_err());
+    }
+}

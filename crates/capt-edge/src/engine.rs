@@ -1,0 +1,128 @@
+//! Picks and loads a backend for a model directory: validates the directory, creates the
+//! session once, warms it up (which also checks the class count) and reports what runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use capt_backend::{warm_up, Backend, BackendError, ModelDir};
+use capt_backend_tract::{TractBackend, TractOptions};
+
+/// Which inference engine to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackendKind {
+    /// tract: pure Rust, embedded, CPU.
+    #[default]
+    Tract,
+    /// ONNX Runtime, loaded at run time (--ort-lib / ORT_DYLIB_PATH).
+    Ort,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tract => "tract",
+            Self::Ort => "ort",
+        })
+    }
+}
+
+/// Where to run (ONNX Runtime execution provider; tract is CPU only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+/// Engine settings shared by every subcommand.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EngineArgs {
+    /// Inference engine.
+    #[arg(long, value_enum, default_value_t = BackendKind::Tract)]
+    pub backend: BackendKind,
+    /// Compute threads (0: all cores for tract, ONNX Runtime's default for ort).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Execution device (ort only): cpu, cuda or tensorrt.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+    /// GPU ordinal for cuda/tensorrt.
+    #[arg(long, default_value_t = 0)]
+    pub device_id: i32,
+    /// Run on CPU if the requested device cannot be used, instead of failing.
+    #[arg(long)]
+    pub allow_fallback: bool,
+    /// Path of libonnxruntime.so (>= 1.31); default: ORT_DYLIB_PATH, then the loader's paths.
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// A loaded model ready to classify.
+pub struct Engine {
+    pub model: ModelDir,
+    pub backend: Arc<dyn Backend>,
+    /// Seconds to open, validate, load and warm up.
+    pub load_seconds: f64,
+}
+
+impl Engine {
+    pub fn load(dir: &Path, args: &EngineArgs) -> Result<Self, BackendError> {
+        let t = Instant::now();
+        let model = ModelDir::open(dir)?;
+        let backend: Arc<dyn Backend> = match args.backend {
+            BackendKind::Tract => {
+                if args.device != DeviceKind::Cpu {
+                    return Err(BackendError::Unavailable {
+                        engine: "tract",
+                        reason: "tract runs on the CPU only; use --backend ort --device cuda|tensorrt for a GPU".into(),
+                    });
+                }
+                Arc::new(TractBackend::load(&model, &TractOptions { threads: args.threads })?)
+            }
+            BackendKind::Ort => load_ort(&model, args)?,
+        };
+        warm_up(backend.as_ref(), &model)?;
+        let load_seconds = t.elapsed().as_secs_f64();
+        tracing::info!(
+            model = %model.manifest.model_name,
+            version = %model.version(),
+            classes = model.manifest.class_names.len(),
+            backend = %backend.describe(),
+            load_seconds,
+            "model loaded"
+        );
+        Ok(Self {
+            model,
+            backend,
+            load_seconds,
+        })
+    }
+}
+
+#[cfg(feature = "ort")]
+fn load_ort(model: &ModelDir, args: &EngineArgs) -> Result<Arc<dyn Backend>, BackendError> {
+    use capt_backend_ort::{Device, OrtBackend, OrtOptions};
+    let device = match args.device {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda => Device::Cuda,
+        DeviceKind::Tensorrt => Device::TensorRt,
+    };
+    let opts = OrtOptions {
+        lib: args.ort_lib.clone(),
+        device,
+        device_id: args.device_id,
+        allow_fallback: args.allow_fallback,
+        threads: args.threads,
+    };
+    Ok(Arc::new(OrtBackend::load(model, &opts)?))
+}
+
+#[cfg(not(feature = "ort"))]
+fn load_ort(_: &ModelDir, _: &EngineArgs) -> Result<Arc<dyn Backend>, BackendError> {
+    Err(BackendError::Unavailable {
+        engine: "ort",
+        reason: "this capt-edge was built without the `ort` feature; rebuild with `--features ort` or use --backend tract".into(),
+    })
+}

@@ -1,0 +1,82 @@
+use std::io::Write;
+use std::process::ExitCode;
+
+use capt_edge::cli::{Cli, Command, ServeArgs};
+use capt_edge::engine::Engine;
+use capt_edge::server::{shutdown_signal, Server};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    capt_edge::bench::mark_process_start();
+    let cli = Cli::parse();
+    // The serve command logs its life cycle; the others keep stderr quiet unless RUST_LOG says.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let stdout = std::io::stdout();
+    match cli.command {
+        Command::Classify(args) => {
+            let ok = capt_edge::classify::run(&args, &mut stdout.lock())?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Bench(args) => {
+            let report = capt_edge::bench::run(&args)?;
+            if args.json {
+                writeln!(stdout.lock(), "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                capt_edge::bench::print_table(&report, &mut stdout.lock())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => serve(&args),
+        Command::Loadtest(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let reports = rt.block_on(capt_edge::loadtest::run(&args))?;
+            if args.json {
+                writeln!(stdout.lock(), "{}", serde_json::to_string_pretty(&reports)?)?;
+            } else {
+                capt_edge::loadtest::print_table(&reports, &mut stdout.lock())?;
+            }
+            let bad = reports.iter().any(|r| r.non_2xx > 0 || r.transport_errors > 0);
+            Ok(if bad && args.fail_on_error { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.server_config()?;
+    let engine = Engine::load(&args.model, &args.engine)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.addr))?;
+        let local = listener.local_addr()?;
+        if !local.ip().is_loopback() && cfg.api_key.is_none() {
+            tracing::warn!(addr = %local, "listening on a non-loopback address without --api-key: anyone who can reach it can use it");
+        }
+        tracing::info!(addr = %local, auth = cfg.api_key.is_some(), "serving");
+        let server = Server::new(engine.model, engine.backend, cfg)?;
+        server.run(listener, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

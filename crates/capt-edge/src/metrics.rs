@@ -1,0 +1,202 @@
+//! Prometheus text metrics, kept by hand with atomics (no metrics crate): request counts by
+//! route and status, request and inference latency, batch sizes, queue depth, errors.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A cumulative histogram with fixed upper bounds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    /// Sum in millionths, so it fits an atomic integer.
+    sum_micro: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micro: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micro
+            .fetch_add((v.max(0.0) * 1e6).round() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Number of observations in buckets above `bound`.
+    pub fn count_above(&self, bound: f64) -> u64 {
+        let at_or_below: u64 = self
+            .bounds
+            .iter()
+            .zip(&self.counts)
+            .filter(|(b, _)| **b <= bound)
+            .map(|(_, c)| c.load(Ordering::Relaxed))
+            .sum();
+        self.count() - at_or_below
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cum += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let n = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {n}");
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// All server metrics. Shared as `Arc<Metrics>`.
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    pub request_seconds: Histogram,
+    pub inference_seconds: Histogram,
+    pub queue_wait_seconds: Histogram,
+    pub batch_size: Histogram,
+    pub images: AtomicU64,
+    pub queue_rejected: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Mutex::default(),
+            errors: Mutex::default(),
+            request_seconds: Histogram::new(LATENCY_BOUNDS),
+            inference_seconds: Histogram::new(LATENCY_BOUNDS),
+            queue_wait_seconds: Histogram::new(LATENCY_BOUNDS),
+            batch_size: Histogram::new(BATCH_BOUNDS),
+            images: AtomicU64::new(0),
+            queue_rejected: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn record_request(&self, route: &str, status: u16, seconds: f64) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((route.to_string(), status))
+            .or_default() += 1;
+        self.request_seconds.observe(seconds);
+    }
+
+    /// Counts an error by its machine-readable code.
+    pub fn record_error(&self, code: &'static str) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
+    }
+
+    pub fn requests_with_status(&self, status: u16) -> u64 {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((_, s), _)| *s == status)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, queue_depth: usize, in_flight: usize) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP capt_requests_total HTTP requests by route and status.\n# TYPE capt_requests_total counter\n");
+        for ((route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "capt_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        out.push_str("# HELP capt_errors_total Failed requests by error code.\n# TYPE capt_errors_total counter\n");
+        for (code, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "capt_errors_total{{code=\"{code}\"}} {n}");
+        }
+        self.request_seconds
+            .render(&mut out, "capt_request_duration_seconds", "End-to-end HTTP request latency.");
+        self.inference_seconds
+            .render(&mut out, "capt_inference_duration_seconds", "Backend time per batch.");
+        self.queue_wait_seconds
+            .render(&mut out, "capt_queue_wait_seconds", "Time a request waited in the batching queue.");
+        self.batch_size
+            .render(&mut out, "capt_batch_size", "Images per backend batch.");
+        let _ = writeln!(
+            out,
+            "# HELP capt_images_total Images classified.\n# TYPE capt_images_total counter\ncapt_images_total {}",
+            self.images.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP capt_queue_rejected_total Requests refused with 503 because the queue was full.\n# TYPE capt_queue_rejected_total counter\ncapt_queue_rejected_total {}",
+            self.queue_rejected.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP capt_queue_depth Images waiting in the batching queue.\n# TYPE capt_queue_depth gauge\ncapt_queue_depth {queue_depth}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP capt_in_flight_requests Requests being handled.\n# TYPE capt_in_flight_requests gauge\ncapt_in_flight_requests {in_flight}"
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[1.0, 2.0, 4.0]);
+        for v in [0.5, 1.5, 3.0, 3.5, 9.0] {
+            h.observe(v);
+        }
+        let mut s = String::new();
+        h.render(&mut s, "x", "help");
+        assert!(s.contains("x_bucket{le=\"1\"} 1\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"4\"} 4\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 5\n"), "{s}");
+        assert!(s.contains("x_sum 17.5\n"), "{s}");
+        assert_eq!(h.count_above(1.0), 4);
+    }
+
+    #[test]
+    fn renders_requests_and_gauges() {
+        let m = Metrics::default();
+        m.record_request("/v1/classify", 200, 0.01);
+        m.record_request("/v1/classify", 503, 0.001);
+        m.record_error("queue_full");
+        let s = m.render(3, 1);
+        assert!(s.contains("capt_requests_total{route=\"/v1/classify\",status=\"503\"} 1"), "{s}");
+        assert!(s.contains("capt_errors_total{code=\"queue_full\"} 1"));
+        assert!(s.contains("capt_queue_depth 3"));
+        assert_eq!(m.requests_with_status(200), 1);
+    }
+}

@@ -1,0 +1,198 @@
+//! The `capt-edge` binary: classify, bench, errors, and serve with SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_capt-edge"));
+    c.env_remove("RUST_LOG").env_remove("CAPT_API_KEY");
+    c
+}
+
+fn model_arg() -> String {
+    fixture().join("model").display().to_string()
+}
+
+#[test]
+fn classify_files_folders_and_stdin_as_json() {
+    let images = fixture().join("images");
+    let out = bin()
+        .args(["classify", "--model", &model_arg(), "--json", "--top-k", "5", "--threads", "1"])
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let reference = reference();
+    for r in reference["images"].as_array().unwrap() {
+        let file = r["file"].as_str().unwrap();
+        let line = lines
+            .iter()
+            .find(|l| l["image"].as_str().unwrap().ends_with(file))
+            .unwrap_or_else(|| panic!("{file} missing"));
+        let got = probs_in_class_order(line, 5);
+        let want: Vec<f32> = r["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let tol = if r["exact"].as_bool().unwrap() { 1e-5 } else { 5e-2 };
+        assert!(max_diff(&got, &want) <= tol, "{file}: {got:?} vs {want:?}");
+    }
+
+    // stdin, text output.
+    let mut child = bin()
+        .args(["classify", "--model", &model_arg(), "--top-k", "2", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&image("gradient_32.png")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let top1 = reference["images"][0]["top1"].as_u64().unwrap() as usize;
+    let names = ["cat", "dog", "sea turtle", "fire truck", "maple leaf"];
+    assert!(text.starts_with(&format!("-: {} (", names[top1])), "{text}");
+    assert_eq!(text.matches('(').count(), 2, "{text}");
+}
+
+#[test]
+fn bad_image_is_reported_and_others_still_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.jpg");
+    std::fs::write(&bad, b"definitely not a jpeg").unwrap();
+    let good = fixture().join("images/noise_32.png");
+    let out = bin()
+        .args(["classify", "--model", &model_arg()])
+        .arg(&bad)
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("broken.jpg") && stderr.contains("not a decodable image"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("noise_32.png: "), "{stdout}");
+}
+
+#[test]
+fn model_errors_name_the_problem_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["classify", "--model"])
+        .arg(dir.path())
+        .arg(fixture().join("images/noise_32.png"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("capt.json is missing"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = bin()
+        .args(["classify", "--model", &model_arg(), "/no/such/image.png"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/image.png does not exist"));
+
+    let out = bin()
+        .args(["classify", "--model", &model_arg(), "--device", "cuda"])
+        .arg(fixture().join("images/noise_32.png"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tract runs on the CPU only"));
+}
+
+#[cfg(feature = "ort")]
+#[test]
+fn missing_onnxruntime_is_a_clear_error() {
+    let out = bin()
+        .args(["classify", "--model", &model_arg(), "--backend", "ort", "--ort-lib", "/nonexistent/libonnxruntime.so"])
+        .arg(fixture().join("images/noise_32.png"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/libonnxruntime.so") && stderr.contains("does not exist") && stderr.contains("pip install onnxruntime"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bench_reports_percentiles_cold_start_and_rss() {
+    let out = bin()
+        .args(["bench", "--model", &model_arg(), "--batch", "1,4", "--iters", "5", "--warmup", "1", "--json", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["cold_start_ms"].as_f64().unwrap() >= r["load_ms"].as_f64().unwrap());
+    assert!(r["peak_rss_mib"].as_f64().unwrap() > 1.0);
+    let batches = r["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 2);
+    for (b, n) in batches.iter().zip([1, 4]) {
+        assert_eq!(b["batch"], n);
+        assert_eq!(b["runs"], 5);
+        let (p50, p90, p99) = (b["p50_ms"].as_f64().unwrap(), b["p90_ms"].as_f64().unwrap(), b["p99_ms"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p90 && p90 <= p99, "{b}");
+        assert!(b["images_per_second"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn serve_binary_stops_cleanly_on_sigterm() {
+    let mut child = bin()
+        .args(["serve", "--model", &model_arg(), "--addr", "127.0.0.1:0", "--threads", "1"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let started = Instant::now();
+    let mut addr = None;
+    let mut line = String::new();
+    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.contains("serving") {
+            addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
+        }
+    }
+    let addr = addr.expect("server printed its address");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = capt_edge::client::Client::connect(addr).await.unwrap();
+        let r = c.post("/v1/classify", "image/png", image("noise_32.png")).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(rest.contains("server stopped"), "{rest}");
+}

@@ -1,0 +1,25 @@
+//! ONNX export of code written against [`capt_graph::Ops`].
+//!
+//! [`OnnxBuilder`] implements `Ops` by recording ONNX nodes (opset 17, IR 8) instead of
+//! computing, so the generic CAPT inference path that candle runs in training is the graph that
+//! gets exported. [`write_model`] writes it deterministically and atomically (external data
+//! above 2 GB), [`read_model`] loads it back with clear errors for truncated / corrupt files,
+//! and [`run_tract`] executes it for parity tests. The protobuf types are `tract_onnx::pb`
+//! (re-exported as [`pb`]), encoded with prost.
+
+mod builder;
+mod error;
+mod io;
+mod tract_run;
+mod value;
+
+pub use builder::{BuildOptions, ModelMeta, OnnxBuilder, IR_VERSION, OPSET};
+pub use error::{Error, Result};
+pub use io::{
+    decode_model, external_data_path, read_model, validate, write_atomic, write_model, ExternalData,
+    WriteOptions, Written, EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, FILE_BYTES_KEY, PRODUCER,
+    PROTOBUF_LIMIT,
+};
+pub use tract_onnx::pb;
+pub use tract_run::run_tract;
+pub use value::{Dim, Value};

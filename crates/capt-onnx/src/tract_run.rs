@@ -1,0 +1,55 @@
+//! Running a written model with tract (parity tests, edge checks).
+
+use std::path::Path;
+
+use capt_graph::{HostData, HostTensor};
+use tract_onnx::prelude::*;
+
+use crate::{Error, Result};
+
+fn to_tract(t: &HostTensor) -> TractResult<Tensor> {
+    let dims = t.dims();
+    match t.data() {
+        HostData::F32(v) => Tensor::from_shape(dims, v),
+        HostData::F64(v) => Tensor::from_shape(dims, v),
+        HostData::I64(v) => Tensor::from_shape(dims, v),
+        HostData::Bool(v) => Tensor::from_shape(dims, v),
+    }
+}
+
+fn from_tract(t: &Tensor) -> TractResult<HostTensor> {
+    let dims = t.shape().to_vec();
+    let data = match t.datum_type() {
+        DatumType::F32 => HostData::F32(t.to_plain_array_view::<f32>()?.iter().copied().collect()),
+        DatumType::F64 => HostData::F64(t.to_plain_array_view::<f64>()?.iter().copied().collect()),
+        DatumType::I64 => HostData::I64(t.to_plain_array_view::<i64>()?.iter().copied().collect()),
+        DatumType::Bool => HostData::Bool(t.to_plain_array_view::<bool>()?.iter().copied().collect()),
+        other => {
+            let c = t.cast_to::<f32>()?;
+            let v = c.to_plain_array_view::<f32>()?.iter().copied().collect();
+            tracing::debug!(?other, "tract output cast to f32");
+            HostData::F32(v)
+        }
+    };
+    HostTensor::new(dims, data).map_err(|e| tract_onnx::tract_hir::internal::format_err!("{e}"))
+}
+
+/// Loads `path` with tract-onnx, pins the inputs to the given tensors' shapes (so a symbolic
+/// batch gets its concrete size), optimizes, and runs once. Outputs in graph order.
+pub fn run_tract(path: &Path, inputs: &[HostTensor]) -> Result<Vec<HostTensor>> {
+    let go = || -> TractResult<Vec<HostTensor>> {
+        let mut model = tract_onnx::onnx().model_for_path(path)?;
+        let tensors: Vec<Tensor> = inputs.iter().map(to_tract).collect::<TractResult<_>>()?;
+        for (i, t) in tensors.iter().enumerate() {
+            let fact = InferenceFact::dt_shape(t.datum_type(), t.shape());
+            model = model.with_input_fact(i, fact)?;
+        }
+        let plan = model.into_optimized()?.into_runnable()?;
+        let outs = plan.run(tensors.into_iter().map(|t| t.into()).collect())?;
+        outs.iter().map(|o| from_tract(o)).collect()
+    };
+    go().map_err(|e| Error::Tract {
+        path: path.to_path_buf(),
+        msg: format!("{e:#}"),
+    })
+}

@@ -1,0 +1,244 @@
+//! `capt-train bench train-step`: milliseconds per training step and peak RSS of CoOp and CAPT
+//! at ViT-B/16 size (random weights, text tower only; cached random image features) for a
+//! few class counts, and the CAPT/CoOp ratio. Each configuration runs in its own child
+//! process so its peak RSS (`VmHWM`) is its own. `tools/ref_train_step.py` measures the same
+//! CoOp step in PyTorch eager for comparison.
+
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use capt_clip::ClipConfig;
+use capt_method::{ConfusionBank, Method};
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::Backbone;
+use crate::config::RunConfig;
+use crate::error::{Result, TrainError};
+use crate::model::{Feats, Model};
+use crate::optim::Sgd;
+use crate::rng;
+use crate::tables::TableCache;
+
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub classes: Vec<usize>,
+    pub steps: usize,
+    /// `b16` (ViT-B/16 text tower) or `tiny`.
+    pub size: String,
+    pub config: RunConfig,
+    /// Run one configuration in this process and print its JSON (used by the parent).
+    pub only: Option<(Method, usize)>,
+    /// Python interpreter for `tools/ref_train_step.py` (PyTorch eager CoOp reference).
+    pub torch_python: Option<String>,
+    pub torch_script: String,
+    /// Arguments forwarded to the child processes (config file, overrides).
+    pub forward: Vec<String>,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchResult {
+    pub method: String,
+    pub classes: usize,
+    pub ms_per_step: f64,
+    /// Median over the timed steps.
+    pub ms_median: f64,
+    pub peak_rss_mb: f64,
+    /// Time to encode the pair tables once (CAPT; per epoch in training).
+    pub table_ms: Option<f64>,
+    /// Text sequences encoded with gradient per step.
+    pub grad_sequences: f64,
+}
+
+fn bench_config(size: &str) -> Result<ClipConfig> {
+    match size {
+        "b16" => Ok(ClipConfig::vit_b16()),
+        "tiny" => Ok(ClipConfig::tiny()),
+        other => Err(TrainError::Config(format!("--size {other:?}: expected b16 or tiny"))),
+    }
+}
+
+/// Class names like real ones: one to three word pieces.
+fn class_names(n: usize) -> Vec<String> {
+    const WORDS: [&str; 12] = [
+        "striped", "golden", "retriever", "maple", "leaf", "sports", "car", "banded", "tabby", "cat", "red", "fox",
+    ];
+    (0..n)
+        .map(|i| {
+            let a = WORDS[i % WORDS.len()];
+            let b = WORDS[(i / WORDS.len() + 3) % WORDS.len()];
+            format!("{a} {b} {i}")
+        })
+        .collect()
+}
+
+/// Measures one configuration in this process.
+pub fn measure(size: &str, cfg: &RunConfig, method: Method, classes: usize, steps: usize) -> Result<BenchResult> {
+    let clip = bench_config(size)?;
+    let dev = Device::Cpu;
+    let backbone = Backbone::random(&clip, 1, false, DType::F32, &dev)?;
+    let mut cfg = cfg.clone();
+    cfg.capt.method = method;
+    let grid = cfg.capt.bank.local_grid;
+    let g = grid * grid;
+    let names = class_names(classes);
+    let model = Model::new(backbone, &cfg, &names, "a photo of a {}.", g, 1)?;
+    let d = model.backbone.dim();
+    let bs = cfg.capt.optim.batch_size;
+    let mut r = rng::rng(7, rng::stream::INIT, 0);
+    let mut r2 = rng::rng(7, rng::stream::INIT, 1);
+    let mut feats_of = |n: usize| -> Result<Feats> {
+        Ok(Feats {
+            global: Tensor::from_vec(rng::normal(&mut r, n * d, 1.0), (n, d), &dev)?,
+            local: Tensor::from_vec(rng::normal(&mut r, n * g * d, 1.0), (n, g, d), &dev)?,
+        })
+    };
+    // A bank with entries, as after a real first pass: 4 samples per class observed with
+    // random predictions.
+    let (cache, table_ms) = if model.head.is_some() {
+        let mut bank = ConfusionBank::new(classes, d, g, &cfg.capt.bank);
+        let f = feats_of(4 * classes)?;
+        let gl = f.global.to_vec2::<f32>()?;
+        let lo = f.local.reshape((4 * classes, g * d))?.to_vec2::<f32>()?;
+        for i in 0..4 * classes {
+            let probs = rng::normal(&mut r2, classes, 1.0);
+            bank.observe(i % classes, &probs, &gl[i], &lo[i])?;
+        }
+        let t0 = Instant::now();
+        let cache = TableCache::build(&model, &bank)?;
+        (Some(cache), Some(t0.elapsed().as_secs_f64() * 1000.0))
+    } else {
+        (None, None)
+    };
+    let mut sgd = Sgd::new(0.9, 5e-4, Some(1.0));
+    let mut times = Vec::new();
+    let mut seqs = 0f64;
+    for s in 0..steps + 1 {
+        let feats = feats_of(bs)?;
+        let labels: Vec<u32> = (0..bs).map(|i| ((s * bs + i) % classes) as u32).collect();
+        let labels = Tensor::from_vec(labels, bs, &dev)?;
+        let t0 = Instant::now();
+        let out = model.train_forward(&feats, &labels, cache.as_ref())?;
+        let grads = out.loss.backward()?;
+        sgd.step(&model.params, &grads, 0.002)?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        // The first step warms up allocators and caches.
+        if s > 0 {
+            times.push(ms);
+            seqs += (classes + 3 * out.grad_pairs) as f64;
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(BenchResult {
+        method: method.name().into(),
+        classes,
+        ms_per_step: mean,
+        ms_median: sorted[sorted.len() / 2],
+        peak_rss_mb: peak_rss_mb(),
+        table_ms,
+        grad_sequences: seqs / times.len() as f64,
+    })
+}
+
+/// Peak resident set size of this process (`VmHWM`), MiB; 0 where unavailable.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Runs every configuration in a child process and prints the table.
+pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
+    if let Some((method, classes)) = args.only {
+        let r = measure(&args.size, &args.config, method, classes, args.steps)?;
+        println!("{}", serde_json::to_string(&r).expect("result serialises"));
+        return Ok(vec![r]);
+    }
+    let exe = std::env::current_exe().map_err(|e| TrainError::Config(format!("cannot find this executable: {e}")))?;
+    let mut results = Vec::new();
+    for &c in &args.classes {
+        for method in [Method::Coop, Method::Capt] {
+            let out = Command::new(&exe)
+                .args(["bench", "train-step", "--size", &args.size, "--steps", &args.steps.to_string()])
+                .args(["--only", method.name(), "--classes", &c.to_string()])
+                .args(&args.forward)
+                .output()
+                .map_err(|e| TrainError::Config(format!("cannot run {}: {e}", exe.display())))?;
+            if !out.status.success() {
+                return Err(TrainError::Config(format!(
+                    "bench child ({method}, {c} classes) failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text.lines().last().unwrap_or("");
+            let r: BenchResult = serde_json::from_str(line)
+                .map_err(|e| TrainError::Config(format!("bench child printed {line:?}: {e}")))?;
+            eprintln!(
+                "{:>6} {:>4} classes: {:8.1} ms/step (median {:8.1}), peak RSS {:7.1} MiB{}",
+                r.method,
+                r.classes,
+                r.ms_per_step,
+                r.ms_median,
+                r.peak_rss_mb,
+                r.table_ms.map_or(String::new(), |t| format!(", pair tables {t:.0} ms/epoch"))
+            );
+            results.push(r);
+        }
+    }
+    println!("| classes | CoOp ms/step | CAPT ms/step | CAPT/CoOp | CoOp peak RSS MiB | CAPT peak RSS MiB | CAPT tables ms/epoch |");
+    println!("|---|---|---|---|---|---|---|");
+    for &c in &args.classes {
+        let get = |m: &str| results.iter().find(|r| r.classes == c && r.method == m);
+        if let (Some(a), Some(b)) = (get("coop"), get("capt")) {
+            println!(
+                "| {c} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} |",
+                a.ms_per_step,
+                b.ms_per_step,
+                b.ms_per_step / a.ms_per_step,
+                a.peak_rss_mb,
+                b.peak_rss_mb,
+                b.table_ms.unwrap_or(0.0)
+            );
+        }
+    }
+    if let Some(py) = &args.torch_python {
+        for &c in &args.classes {
+            let out = Command::new(py)
+                .args([&args.torch_script, "--classes", &c.to_string(), "--steps", &args.steps.to_string()])
+                .args(["--size", &args.size])
+                .output()
+                .map_err(|e| TrainError::Config(format!("cannot run {py}: {e}")))?;
+            if !out.status.success() {
+                return Err(TrainError::Config(format!(
+                    "{} failed: {}",
+                    args.torch_script,
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+                .map_err(|e| TrainError::Config(format!("{} printed {text:?}: {e}", args.torch_script)))?;
+            let coop = results.iter().find(|r| r.classes == c && r.method == "coop");
+            for key in ["ms_per_step_77", "ms_per_step_truncated"] {
+                if let (Some(t), Some(coop)) = (v[key].as_f64(), coop) {
+                    println!(
+                        "torch eager CoOp ({c} classes, {}): {t:.1} ms/step; candle CoOp / torch = {:.2}",
+                        if key.ends_with("77") { "77 tokens as CoOp" } else { "truncated like capt-train" },
+                        coop.ms_per_step / t
+                    );
+                }
+            }
+        }
+    }
+    Ok(results)
+}

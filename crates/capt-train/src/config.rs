@@ -1,0 +1,138 @@
+//! Run configuration: the method's `CaptConfig` (every spec default) plus trainer-only
+//! settings under `[trainer]` in the same TOML file, then command-line overrides.
+
+use std::path::Path;
+
+use capt_method::{CaptConfig, ConfigError};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Settings of the trainer that are not part of the method (`[trainer]` in the config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// Confusion pairs re-encoded WITH gradient per step (SEM). The pair tables
+    /// (`t_com`, `t_dif` for every class and candidate) are encoded without gradient at the
+    /// start of each epoch; each step re-encodes only the pairs its batch selects, with
+    /// gradient, and splices them in. 0 = every pair the batch uses (up to batch * K_p);
+    /// n > 0 = the n most used ones (ties: first seen), the rest read the epoch-start cache.
+    /// Each pair costs 3 text sequences (COM(c,j), DIF(c,j), DIF(j,c)).
+    pub grad_pairs: usize,
+    /// Augmented views cached per training image (0 = `bank.views`). Each epoch every image
+    /// uses one of them, drawn from the run's seeded generator.
+    pub train_views: usize,
+    /// Images per forward pass in evaluation and bank refreshes.
+    pub eval_batch: usize,
+    /// Text sequences per forward pass when encoding without gradient (pair tables).
+    pub text_chunk: usize,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            grad_pairs: 0,
+            train_views: 0,
+            eval_batch: 64,
+            text_chunk: 256,
+        }
+    }
+}
+
+/// Method config + trainer config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub capt: CaptConfig,
+    pub trainer: TrainerConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            capt: CaptConfig::default(),
+            trainer: TrainerConfig::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads a TOML file: `CaptConfig` keys at the top level, `[trainer]` for the trainer.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read config file", path, e))?;
+        Self::from_toml_str(&text).map_err(|e| match e {
+            TrainError::MethodConfig(ConfigError::Parse { message, .. }) => {
+                TrainError::MethodConfig(ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message,
+                })
+            }
+            TrainError::Config(m) => TrainError::Config(format!("config file {}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            TrainError::MethodConfig(ConfigError::Parse {
+                path: "<string>".into(),
+                message: e.to_string(),
+            })
+        })?;
+        let trainer = match table.remove("trainer") {
+            Some(v) => v
+                .try_into::<TrainerConfig>()
+                .map_err(|e| TrainError::Config(format!("[trainer]: {e}")))?,
+            None => TrainerConfig::default(),
+        };
+        let rest = toml::to_string(&table).expect("a parsed table serialises");
+        let capt = CaptConfig::from_toml_str(&rest)?;
+        let cfg = Self { capt, trainer };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.capt.validate()?;
+        if self.trainer.eval_batch == 0 || self.trainer.text_chunk == 0 {
+            return Err(TrainError::Config(
+                "trainer.eval_batch and trainer.text_chunk must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Views cached per training image.
+    pub fn train_views(&self) -> usize {
+        if self.trainer.train_views == 0 {
+            self.capt.bank.views
+        } else {
+            self.trainer.train_views
+        }
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        let mut s = self.capt.to_toml_string();
+        s.push_str("\n[trainer]\n");
+        s.push_str(&toml::to_string_pretty(&self.trainer).expect("trainer config serialises"));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capt_method::Method;
+
+    #[test]
+    fn trainer_section_is_split_off_and_checked() {
+        let c = RunConfig::from_toml_str("method = \"coop\"\n[trainer]\ngrad_pairs = 2\n").unwrap();
+        assert_eq!(c.capt.method, Method::Coop);
+        assert_eq!(c.trainer.grad_pairs, 2);
+        let back = RunConfig::from_toml_str(&c.to_toml_string()).unwrap();
+        assert_eq!(back, c);
+        let e = RunConfig::from_toml_str("[trainer]\ngrad_pair = 2\n").unwrap_err();
+        assert!(e.to_string().contains("grad_pair"), "{e}");
+        let e = RunConfig::from_toml_str("[sem]\nk_pairs = 9\n").unwrap_err();
+        assert!(e.to_string().contains("k_pairs"), "{e}");
+    }
+}

@@ -1,0 +1,62 @@
+//! Shared helpers: the fixture paths, running the binary, scratch folders.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// CoOp `$DATA` root holding the DTD fixture (`dtd/`).
+pub fn data_root() -> PathBuf {
+    repo().join("tests/fixtures/coop")
+}
+
+pub fn tiny_config() -> PathBuf {
+    repo().join("tests/fixtures/train/tiny.toml")
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn capt_train(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_capt-train"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("capt-train runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `capt-train fit` on the DTD fixture with the tiny backbone and tiny.toml, plus `extra`.
+pub fn fit(out: &Path, extra: &[&str]) -> Run {
+    let out = out.display().to_string();
+    let cfg = tiny_config().display().to_string();
+    let root = data_root().display().to_string();
+    let mut args = vec![
+        "fit", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--config", &cfg, "--out", &out,
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    capt_train(&args)
+}
+
+pub fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|it| it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}

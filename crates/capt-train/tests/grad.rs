@@ -1,0 +1,174 @@
+//! The trained model on the tiny backbone: CAPT starts exactly at CoOp, gradients reach every
+//! learned tensor, and the full CAPT loss's gradient matches finite differences (F64).
+
+use candle_core::{DType, Device, Tensor};
+use capt_clip::ClipConfig;
+use capt_method::{ConfusionBank, Method};
+use capt_train::backbone::Backbone;
+use capt_train::config::RunConfig;
+use capt_train::model::{Feats, Model};
+use capt_train::optim::Sgd;
+use capt_train::rng;
+use capt_train::tables::TableCache;
+
+const NAMES: [&str; 6] = ["banded", "blotchy", "braided", "bubbly", "bumpy", "chequered"];
+
+fn config(method: Method) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.capt.method = method;
+    c.capt.sem.k_cand = 3;
+    c.capt.sem.k_pairs = 2;
+    c.capt.bank.cell_size = 3;
+    c
+}
+
+fn model(method: Method, dtype: DType) -> Model {
+    let bb = Backbone::random(&ClipConfig::tiny(), 11, true, dtype, &Device::Cpu).unwrap();
+    let names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    Model::new(bb, &config(method), &names, "a photo of a {}.", 16, 4).unwrap()
+}
+
+fn feats(n: usize, seed: u64, dtype: DType) -> Feats {
+    let mut r = rng::rng(seed, 99, 0);
+    let (d, g) = (24, 16);
+    Feats {
+        global: Tensor::from_vec(rng::normal(&mut r, n * d, 1.0), (n, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        local: Tensor::from_vec(rng::normal(&mut r, n * g * d, 1.0), (n, g, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    }
+}
+
+/// A bank in which every class was confused a few times (non-empty cells).
+fn bank(m: &Model) -> ConfusionBank {
+    let c = m.num_classes();
+    let mut b = ConfusionBank::new(c, 24, 16, &m.cfg.capt.bank);
+    let f = feats(4 * c, 5, DType::F32);
+    let g = f.global.to_vec2::<f32>().unwrap();
+    let l = f.local.reshape((4 * c, 16 * 24)).unwrap().to_vec2::<f32>().unwrap();
+    for i in 0..4 * c {
+        let y = i % c;
+        let mut probs = vec![0.05f32; c];
+        probs[(y + 1 + i / c) % c] = 0.7;
+        b.observe(y, &probs, &g[i], &l[i]).unwrap();
+    }
+    b
+}
+
+fn labels(n: usize) -> Tensor {
+    Tensor::from_vec((0..n as u32).map(|i| i % 6).collect::<Vec<_>>(), n, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn capt_at_init_equals_coop_exactly() {
+    let coop = model(Method::Coop, DType::F32);
+    let capt = model(Method::Capt, DType::F32);
+    let cache = TableCache::build(&capt, &bank(&capt)).unwrap();
+    let x = feats(8, 1, DType::F32);
+    let t_coop = coop.class_embeddings(false).unwrap();
+    let t_capt = capt.class_embeddings(false).unwrap();
+    assert_eq!(t_coop.to_vec2::<f32>().unwrap(), t_capt.to_vec2::<f32>().unwrap());
+    let a = coop.predict(&x, &t_coop, None).unwrap().to_vec2::<f32>().unwrap();
+    let b = capt.predict(&x, &t_capt, Some(&cache)).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(a, b, "CAPT logits at init differ from CoOp's");
+    // And the training forward too (with gradient-path kernels on both sides).
+    let y = labels(8);
+    let la = coop.train_forward(&x, &y, None).unwrap().logits.to_vec2::<f32>().unwrap();
+    let lb = capt.train_forward(&x, &y, Some(&cache)).unwrap().logits.to_vec2::<f32>().unwrap();
+    assert_eq!(la, lb);
+}
+
+/// Makes every CAPT path active: non-zero gains and adapter output layers (at init both are
+/// zero, so the adapter would only start learning once a gain moves).
+fn activate(m: &Model) {
+    let set = |name: &str, std: f64, seed: u64| {
+        let v = m.params.var(name).unwrap();
+        let n = v.elem_count();
+        let data = rng::normal(&mut rng::rng(seed, 77, 0), n, std);
+        let t = Tensor::from_vec(data, v.dims(), &Device::Cpu).unwrap().to_dtype(v.dtype()).unwrap();
+        v.set(&t).unwrap();
+    };
+    set("capt.mgde.gains", 0.5, 1);
+    set("capt.sam.global.fc2.weight", 0.05, 2);
+    set("capt.sam.local.fc2.weight", 0.05, 3);
+    set("capt.sam.alpha", 0.5, 4);
+}
+
+#[test]
+fn every_learned_tensor_gets_a_gradient() {
+    let m = model(Method::Capt, DType::F32);
+    let cache = TableCache::build(&m, &bank(&m)).unwrap();
+    let x = feats(8, 2, DType::F32);
+    let y = labels(8);
+    // One real step moves the semantic experts' gains off zero.
+    let out = m.train_forward(&x, &y, Some(&cache)).unwrap();
+    let grads = out.loss.backward().unwrap();
+    Sgd::new(0.9, 5e-4, Some(1.0)).step(&m.params, &grads, 0.5).unwrap();
+    let gains = m.params.get("capt.mgde.gains").unwrap().to_vec1::<f32>().unwrap();
+    assert!(gains[0] != 0.0 && gains[1] != 0.0, "{gains:?}");
+    activate(&m);
+    let out = m.train_forward(&x, &y, Some(&cache)).unwrap();
+    assert!(out.grad_pairs > 0);
+    let grads = out.loss.backward().unwrap();
+    for (name, var) in m.params.iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: |grad|^2 = {norm}");
+    }
+}
+
+#[test]
+fn capt_loss_gradient_matches_finite_differences_f64() {
+    let m = model(Method::Capt, DType::F64);
+    let cache = TableCache::build(&m, &bank(&m)).unwrap();
+    activate(&m);
+    let x = feats(6, 3, DType::F64);
+    let y = labels(6);
+    let loss = |m: &Model| -> f64 {
+        m.train_forward(&x, &y, Some(&cache))
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let out = m.train_forward(&x, &y, Some(&cache)).unwrap();
+    let grads = out.loss.backward().unwrap();
+    let probes: [(&str, usize); 9] = [
+        ("prompt.ctx", 5),
+        ("sem.com_ctx", 3),
+        ("sem.dif_ctx", 17),
+        ("capt.sam.global.fc1.weight", 2),
+        ("capt.sam.local.fc2.weight", 7),
+        ("capt.sam.alpha", 0),
+        ("capt.mgde.router", 4),
+        ("capt.mgde.gains", 1),
+        ("capt.mgde.gains", 2),
+    ];
+    let eps = 1e-5;
+    for (name, i) in probes {
+        let var = m.params.var(name).unwrap();
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[i];
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let at = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            let l = loss(&m);
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            l
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        let err = (analytic - numeric).abs() / numeric.abs().max(analytic.abs()).max(1e-6);
+        assert!(
+            err < 1e-4 || (analytic - numeric).abs() < 1e-8,
+            "{name}[{i}]: analytic {analytic:e} vs numeric {numeric:e}"
+        );
+        assert!(analytic != 0.0, "{name}[{i}] has a zero gradient");
+    }
+}

@@ -1,0 +1,207 @@
+//! End to end on the tiny backbone (seeded random weights) and the real DTD fixture images:
+//! training lowers the loss, evaluation writes its report and heatmaps, a resumed run equals
+//! an uninterrupted one bit for bit, the same seed gives the same checkpoint bytes.
+
+mod common;
+
+use common::{capt_train, data_root, fit, names_in, read};
+
+const FILES: [&str; 5] = [
+    "learned.safetensors",
+    "bank.safetensors",
+    "tables.safetensors",
+    "optim.safetensors",
+    "state.json",
+];
+
+fn log_losses(out: &std::path::Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["loss"].as_f64().unwrap(), v["ce_base"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn coop_fit_lowers_the_loss_and_eval_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("coop");
+    let r = fit(&out, &["--method", "coop", "--epochs", "4", "--lr", "0.5", "--seed", "3"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("finished after 4 epoch(s)"), "{}", r.stdout);
+    let losses = log_losses(&out);
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3].0 < losses[0].0, "training loss did not drop: {losses:?}");
+    // The final checkpoint and the rotating epoch checkpoint; nothing temporary left.
+    let names = names_in(&out);
+    assert!(names.contains(&"checkpoint".to_string()) && names.contains(&"epoch-004".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains(".tmp-") || n == "epoch-003"), "{names:?}");
+    for f in ["learned.safetensors", "tables.safetensors", "optim.safetensors", "state.json"] {
+        assert!(out.join("checkpoint").join(f).is_file(), "{f}");
+    }
+
+    let ev = dir.path().join("eval");
+    let root = data_root().display().to_string();
+    let r = capt_train(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--out",
+        ev.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value = serde_json::from_slice(&read(&ev.join("report.json"))).unwrap();
+    assert_eq!(report["method"], "coop");
+    let part = &report["parts"][0];
+    assert_eq!(part["part"], "all");
+    assert_eq!(part["images"], 20);
+    let top1 = part["top1"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&top1));
+    assert_eq!(part["confusion"]["num_classes"], 10);
+    let png = image::open(ev.join("heatmap-all.png")).unwrap();
+    assert!(png.width() >= 10);
+    assert!(std::fs::read_to_string(ev.join("report.md")).unwrap().contains("top-1"));
+}
+
+#[test]
+fn capt_resume_equals_uninterrupted_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full");
+    let r = fit(&full, &["--seed", "5"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let losses = log_losses(&full);
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().all(|l| l.0.is_finite()));
+
+    // Interrupted after epoch 1 (another process), then resumed.
+    let part = dir.path().join("part");
+    let r = fit(&part, &["--seed", "5", "--stop-after", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("stopped after 1 epoch(s)"), "{}", r.stdout);
+    assert!(!part.join("checkpoint").exists());
+    // Without --resume an existing run is never overwritten.
+    let r = fit(&part, &["--seed", "5"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("--resume"), "{}", r.stderr);
+    let r = fit(&part, &["--seed", "5", "--resume"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for f in FILES {
+        let a = read(&full.join("checkpoint").join(f));
+        let b = read(&part.join("checkpoint").join(f));
+        assert!(a == b, "{f} differs between the resumed and the uninterrupted run");
+    }
+    assert_eq!(
+        std::fs::read_to_string(full.join("log.jsonl")).unwrap().lines().count(),
+        std::fs::read_to_string(part.join("log.jsonl")).unwrap().lines().count()
+    );
+}
+
+#[test]
+fn same_seed_gives_identical_checkpoint_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    for (out, seed) in [(&a, "7"), (&b, "7"), (&c, "8")] {
+        let r = fit(out, &["--method", "coop", "--epochs", "1", "--seed", seed]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let learned = |d: &std::path::Path| read(&d.join("checkpoint/learned.safetensors"));
+    assert!(learned(&a) == learned(&b), "same seed, different learned tensors");
+    assert!(read(&a.join("checkpoint/optim.safetensors")) == read(&b.join("checkpoint/optim.safetensors")));
+    assert!(learned(&a) != learned(&c), "different seeds gave the same run");
+}
+
+#[test]
+fn base_to_novel_eval_and_correction_rate_against_zero_shot() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = data_root().display().to_string();
+    let zs = dir.path().join("zs");
+    let r = capt_train(&[
+        "zeroshot", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--subsample", "b2n", "--out",
+        zs.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let zr: serde_json::Value = serde_json::from_slice(&read(&zs.join("report.json"))).unwrap();
+    assert_eq!(zr["method"], "zero-shot");
+    assert_eq!(zr["parts"].as_array().unwrap().len(), 2);
+    assert!(zr["hm"].as_f64().is_some());
+
+    let run = dir.path().join("capt-base");
+    let r = fit(&run, &["--subsample", "base", "--epochs", "1", "--seed", "2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state: serde_json::Value = serde_json::from_slice(&read(&run.join("checkpoint/state.json"))).unwrap();
+    assert_eq!(state["class_names"].as_array().unwrap().len(), 5);
+    assert_eq!(state["subsample"], "base");
+
+    let ev = dir.path().join("ev");
+    let baseline = zs.join("report.json");
+    let r = capt_train(&[
+        "eval",
+        "--checkpoint",
+        run.join("checkpoint").to_str().unwrap(),
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--baseline",
+        baseline.to_str().unwrap(),
+        "--out",
+        ev.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("HM"), "{}", r.stdout);
+    let er: serde_json::Value = serde_json::from_slice(&read(&ev.join("report.json"))).unwrap();
+    let (b, n, h) = (
+        er["base"].as_f64().unwrap(),
+        er["novel"].as_f64().unwrap(),
+        er["hm"].as_f64().unwrap(),
+    );
+    let expect = if b + n == 0.0 { 0.0 } else { 2.0 * b * n / (b + n) };
+    assert!((h - expect).abs() < 1e-9);
+    for p in er["parts"].as_array().unwrap() {
+        assert_eq!(p["images"], 10);
+        let bl = &p["baseline"];
+        let pairs = bl["pairs"].as_u64().unwrap();
+        assert_eq!(bl["correction_rate"].is_null(), pairs == 0, "{bl}");
+        assert!(ev.join(p["heatmap"].as_str().unwrap()).is_file());
+    }
+}
+
+#[test]
+fn b2n_writes_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = data_root().display().to_string();
+    let cfg = common::tiny_config().display().to_string();
+    let out = dir.path().join("b2n");
+    let r = capt_train(&[
+        "b2n",
+        "--datasets",
+        "dtd",
+        "--seeds",
+        "1",
+        "--methods",
+        "zero-shot,coop",
+        "--root",
+        &root,
+        "--backbone",
+        "tiny",
+        "--config",
+        &cfg,
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let md = std::fs::read_to_string(out.join("b2n.md")).unwrap();
+    assert!(md.contains("| zero-shot |") && md.contains("| coop |"), "{md}");
+    let csv = std::fs::read_to_string(out.join("b2n.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("DescribableTextures,coop,1,")), "{csv}");
+    assert!(csv.lines().any(|l| l.starts_with("average,zero-shot,mean,")), "{csv}");
+}
