@@ -22,6 +22,10 @@ prompts they must reproduce `CLIPModel` itself (asserted below).
 Run (from the repository root; CI does not run it, the outputs are committed):
     /work/venv/ref/bin/python tools/ref_clip.py            # writes tests/fixtures/clip/
     /work/venv/ref/bin/python tools/ref_clip.py --out DIR  # elsewhere
+    /work/venv/ref/bin/python tools/ref_clip.py --bench-torch image1,image8,text
+        # PyTorch eager timings of the cases of `cargo bench -p capt-clip` (ViT-B/16 random
+        # weights, 2 threads or $RAYON_NUM_THREADS), to compare both on the same machine at
+        # the same time
 Generated with torch 2.15.0, transformers 5.24.0, open_clip_torch 3.3.0.
 """
 
@@ -231,10 +235,46 @@ def check_open_clip(m, oa, ids, pixels):
     return ti, im
 
 
+def bench_torch(cases):
+    """Median ms of HF CLIP ViT-B/16 (random init) towers + projections in PyTorch eager."""
+    import time
+
+    torch.set_num_threads(int(os.environ.get("RAYON_NUM_THREADS", "2")))  # same knob as candle
+    torch.manual_seed(0)
+    cfg = CLIPConfig(vision_config=dict(patch_size=16), attn_implementation="sdpa")
+    m = CLIPModel(cfg).eval()
+    ids = torch.zeros(100, 77, dtype=torch.long)
+    ids[:, 0] = 49406
+    ids[:, 1:20] = torch.randint(1, 49000, (100, 19))
+    ids[:, 20] = 49407
+    runs = {"image1": (torch.randn(1, 3, 224, 224), 15), "image8": (torch.randn(8, 3, 224, 224), 5), "text": (ids, 5)}
+    with torch.inference_mode():
+        for case in cases:
+            x, n = runs[case]
+            if case == "text":
+                f = lambda: m.text_projection(m.text_model(input_ids=x).pooler_output)  # noqa: E731
+            else:
+                f = lambda: m.visual_projection(m.vision_model(pixel_values=x).pooler_output)  # noqa: E731
+            f()
+            ts = []
+            cpu0 = time.process_time()
+            for _ in range(n):
+                t = time.perf_counter()
+                f()
+                ts.append((time.perf_counter() - t) * 1e3)
+            cpu = (time.process_time() - cpu0) * 1e3 / n
+            print(f"torch eager {case}: median {sorted(ts)[len(ts) // 2]:.1f} ms, cpu {cpu:.0f} ms/run")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "clip"))
-    out = os.path.abspath(ap.parse_args().out)
+    ap.add_argument("--bench-torch", default=None, help="comma-separated cases: image1,image8,text")
+    args = ap.parse_args()
+    if args.bench_torch:
+        bench_torch(args.bench_torch.split(","))
+        return
+    out = os.path.abspath(args.out)
     torch.manual_seed(SEED)
     g = torch.Generator().manual_seed(SEED)
 

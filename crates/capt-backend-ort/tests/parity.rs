@@ -73,8 +73,12 @@ fn ort_matches_reference_and_tract() {
     }
     // Real images through capt-core preprocessing.
     for name in ["gradient_32.png", "noise_32.png", "waves_48x40.jpg", "checker_48x64.png"] {
-        let img = capt_core::load_image(&fixture().join("images").join(name)).unwrap();
-        let x = dir.manifest.preprocess.batch(&[img]);
+        let x = capt_backend::ImageBatch {
+            data: dir.manifest.preprocess.preprocess_file(&fixture().join("images").join(name)).unwrap(),
+            n: 1,
+            height: 32,
+            width: 32,
+        };
         let d = max_diff(&ort.classify(&x).unwrap().probs, &tract.classify(&x).unwrap().probs);
         assert!(d <= 1e-5, "{name}: {d}");
     }

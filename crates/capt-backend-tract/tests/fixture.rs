@@ -77,8 +77,13 @@ fn exact_images_match_reference() {
     let (dir, backend) = load(2);
     for img in reference["images"].as_array().unwrap() {
         let file = img["file"].as_str().unwrap();
-        let rgb = capt_core::load_image(&fixture().join("images").join(file)).unwrap();
-        let batch = dir.manifest.preprocess.batch(&[rgb]);
+        let pixels = dir.manifest.preprocess.preprocess_file(&fixture().join("images").join(file)).unwrap();
+        let batch = capt_backend::ImageBatch {
+            data: pixels,
+            n: 1,
+            height: 32,
+            width: 32,
+        };
         let out = backend.classify(&batch).unwrap();
         let probs: Vec<f32> = img["probs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
         let d = max_diff(out.probs_row(0), &probs);

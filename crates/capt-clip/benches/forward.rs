@@ -3,7 +3,9 @@
 //! Image encoder batch 1 and 8 (global + local features), text encoder 100 prompts x 77 tokens,
 //! median wall-clock ms, compared with the anchors measured on the same kind of 2-core machine
 //! (docs: shared/design/RUST-STACK-NOTES.md section 6). Env: `CAPT_BENCH_RUNS` scales the run
-//! counts (default 1.0), `CAPT_BENCH_AUTOGRAD=1` also times the autograd-safe kernels.
+//! counts (default 1.0), `CAPT_BENCH_ONLY=image1,image8,text,text77` picks cases,
+//! `CAPT_BENCH_AUTOGRAD=1` also times the autograd-safe kernels. The text anchors ran all 77
+//! positions with EOT at 20; `text77` puts EOT at 76 so nothing can be skipped.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -13,7 +15,8 @@ use candle_nn::{VarBuilder, VarMap};
 use capt_clip::{ClipConfig, ClipModel, Mode};
 
 /// (name, PyTorch eager, onnxruntime, candle-transformers stock CLIP), ms.
-const ANCHORS: [(&str, f64, f64, f64); 3] = [
+type Anchor = (&'static str, f64, f64, f64);
+const ANCHORS: [Anchor; 3] = [
     ("image b1", 215.6, 91.8, 289.5),
     ("image b8", 1524.2, 680.2, 2039.4),
     ("text 100x77", 4222.0, 1703.3, 5164.7),
@@ -63,7 +66,10 @@ fn model() -> candle_core::Result<ClipModel> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
-    ClipModel::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg)
+    ClipModel::new(
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        &cfg,
+    )
 }
 
 fn main() -> candle_core::Result<()> {
@@ -81,41 +87,62 @@ fn main() -> candle_core::Result<()> {
 
     let px1 = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &dev)?;
     let px8 = Tensor::randn(0f32, 1.0, (8, 3, 224, 224), &dev)?;
-    // 100 prompts: SOT, 19 random tokens, EOT at 20, zero padding (as the anchors).
-    let ids: Vec<u32> = (0..100u32)
-        .flat_map(|r| {
-            (0..77u32).map(move |j| match j {
-                0 => 49406,
-                1..=19 => 1 + (r * 7919 + j * 104_729) % 49_000,
-                20 => 49407,
-                _ => 0,
+    // 100 prompts: SOT, 19 pseudo-random tokens, EOT at 20, zero padding (as the anchors). The
+    // text tower stops at the last EOT (exact under the causal mask); `full` moves EOT to 76 so
+    // all 77 positions are computed.
+    let prompts = |eot: u32| -> candle_core::Result<Tensor> {
+        let ids: Vec<u32> = (0..100u32)
+            .flat_map(|r| {
+                (0..77u32).map(move |j| match j {
+                    0 => 49406,
+                    j if j == eot => 49407,
+                    j if j < 20 || j < eot => 1 + (r * 7919 + j * 104_729) % 49_000,
+                    _ => 0,
+                })
             })
-        })
-        .collect();
-    let ids = Tensor::from_vec(ids, (100, 77), &dev)?;
+            .collect();
+        Tensor::from_vec(ids, (100, 77), &dev)
+    };
+    let ids = prompts(20)?;
+    let full = prompts(76)?;
 
+    let only = std::env::var("CAPT_BENCH_ONLY").unwrap_or_default();
+    let want = |case: &str| only.is_empty() || only.split(',').any(|c| c == case);
     let mut results = Vec::new();
-    let b1 = time(runs(15), 2, || {
-        m.vision.forward(&px1, None).expect("image b1");
-    });
-    results.push(b1);
-    let b8 = time(runs(5), 1, || {
-        m.vision.forward(&px8, None).expect("image b8");
-    });
-    results.push(b8);
-    let text = time(runs(5), 1, || {
-        m.text.forward_ids(&ids).expect("text");
-    });
-    results.push(text);
+    if want("image1") {
+        let r = time(runs(15), 2, || {
+            m.vision.forward(&px1, None).expect("image b1");
+        });
+        results.push((ANCHORS[0], r));
+    }
+    if want("image8") {
+        let r = time(runs(5), 1, || {
+            m.vision.forward(&px8, None).expect("image b8");
+        });
+        results.push((ANCHORS[1], r));
+    }
+    if want("text") {
+        let r = time(runs(5), 1, || {
+            m.text.forward_ids(&ids).expect("text");
+        });
+        results.push((ANCHORS[2], r));
+    }
+    if want("text77") {
+        let r = time(runs(3), 1, || {
+            m.text.forward_ids(&full).expect("text, EOT at 76");
+        });
+        let (_, torch, ort, stock) = ANCHORS[2];
+        results.push((("text, EOT@76", torch, ort, stock), r));
+    }
 
     println!(
-        "{:<12} {:>10} {:>10} {:>14} {:>14} {:>14}",
+        "{:<13} {:>10} {:>10} {:>14} {:>14} {:>14}",
         "case", "median ms", "cpu ms", "vs torch", "vs ort", "vs candle"
     );
-    for ((name, torch, ort, stock), (ms, cpu)) in ANCHORS.iter().zip(&results) {
+    for ((name, torch, ort, stock), (ms, cpu)) in &results {
         let cpu = cpu.map_or("-".to_string(), |c| format!("{c:.0}"));
         println!(
-            "{name:<12} {ms:>10.1} {cpu:>10} {:>13.2}x {:>13.2}x {:>13.2}x",
+            "{name:<13} {ms:>10.1} {cpu:>10} {:>13.2}x {:>13.2}x {:>13.2}x",
             ms / torch,
             ms / ort,
             ms / stock

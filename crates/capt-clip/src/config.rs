@@ -215,7 +215,12 @@ impl ClipConfig {
             intermediate_size: r.usize(&text, "text_config", "intermediate_size", 2048)?,
             num_hidden_layers: r.usize(&text, "text_config", "num_hidden_layers", 12)?,
             num_attention_heads: r.usize(&text, "text_config", "num_attention_heads", 8)?,
-            max_position_embeddings: r.usize(&text, "text_config", "max_position_embeddings", 77)?,
+            max_position_embeddings: r.usize(
+                &text,
+                "text_config",
+                "max_position_embeddings",
+                77,
+            )?,
             hidden_act: r.act(&text, "text_config")?,
             layer_norm_eps: r.f64(&text, "text_config", "layer_norm_eps", 1e-5)?,
         };
@@ -255,7 +260,10 @@ impl ClipConfig {
             ("text_config.hidden_size", t.hidden_size),
             ("text_config.intermediate_size", t.intermediate_size),
             ("text_config.num_attention_heads", t.num_attention_heads),
-            ("text_config.max_position_embeddings", t.max_position_embeddings),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
             ("vision_config.image_size", v.image_size),
             ("vision_config.patch_size", v.patch_size),
             ("vision_config.num_channels", v.num_channels),
@@ -269,21 +277,21 @@ impl ClipConfig {
                 return Err(err(field, value, "a positive integer".into()));
             }
         }
-        if t.hidden_size % t.num_attention_heads != 0 {
+        if !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err(err(
                 "text_config.num_attention_heads",
                 t.num_attention_heads,
                 format!("a divisor of text_config.hidden_size = {}", t.hidden_size),
             ));
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(err(
                 "vision_config.num_attention_heads",
                 v.num_attention_heads,
                 format!("a divisor of vision_config.hidden_size = {}", v.hidden_size),
             ));
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(err(
                 "vision_config.patch_size",
                 v.patch_size,
@@ -350,7 +358,13 @@ impl HfReader {
     }
 
     /// An int, or an `[h, w]` list with `h == w` (non-square inputs are not supported).
-    fn square(&self, m: &Map<String, Value>, sec: &str, key: &str, default: usize) -> Result<usize> {
+    fn square(
+        &self,
+        m: &Map<String, Value>,
+        sec: &str,
+        key: &str,
+        default: usize,
+    ) -> Result<usize> {
         match m.get(key) {
             Some(Value::Array(a)) => {
                 let dims: Vec<_> = a.iter().filter_map(Value::as_u64).collect();
@@ -370,16 +384,13 @@ impl HfReader {
     fn act(&self, m: &Map<String, Value>, sec: &str) -> Result<Activation> {
         match m.get("hidden_act") {
             None | Some(Value::Null) => Ok(Activation::QuickGelu),
-            Some(v) => v
-                .as_str()
-                .and_then(Activation::from_hf)
-                .ok_or_else(|| {
-                    self.bad(
-                        &Self::field(sec, "hidden_act"),
-                        v,
-                        "\"quick_gelu\" or \"gelu\"",
-                    )
-                }),
+            Some(v) => v.as_str().and_then(Activation::from_hf).ok_or_else(|| {
+                self.bad(
+                    &Self::field(sec, "hidden_act"),
+                    v,
+                    "\"quick_gelu\" or \"gelu\"",
+                )
+            }),
         }
     }
 }

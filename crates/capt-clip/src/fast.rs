@@ -6,8 +6,8 @@
 //! one parallel, auto-vectorisable pass over a freshly computed GEMM output. They have no
 //! backward, so callers use them only for untracked f32 CPU tensors and fall back otherwise.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
-use candle_core::{InplaceOp1, InplaceOp2, InplaceOp3};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp3, InplaceOp1, InplaceOp2, InplaceOp3};
 use rayon::prelude::*;
 
 use crate::config::Activation;
@@ -51,7 +51,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if x < -87.0 {
@@ -72,10 +72,135 @@ fn gelu(x: f32) -> f32 {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * z);
     let poly = t
-        * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
     let erf_abs = 1.0 - poly * exp_f32(-z * z);
     let erf = if x < 0.0 { -erf_abs } else { erf_abs };
     0.5 * x * (1.0 + erf)
+}
+
+/// Defines `fn $name` that runs `$body` compiled for AVX2+FMA when the CPU has them (the crate
+/// is built for baseline x86-64, i.e. SSE2), else as is. Results are identical: no FMA
+/// contraction happens without fast-math.
+macro_rules! multiversion {
+    (fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the running CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+/// Max over 8 lanes so the reduction vectorises (f32 reductions are not reassociated).
+#[inline(always)]
+fn max8(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in m.iter().chain(chunks.remainder()) {
+        max = if v > max { v } else { max };
+    }
+    max
+}
+
+/// Sum of `f(x)` over 8 lanes.
+#[inline(always)]
+fn sum8(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut s = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            s[i] += f(c[i]);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    s.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) {
+    let max = max8(row);
+    if max == f32::NEG_INFINITY {
+        // Fully masked row: keep it finite rather than NaN (never happens with a causal mask).
+        row.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
+    row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
+    let inv = 1.0 / sum8(row, |v| v);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+multiversion! {
+    fn bias_act_rows(y: &mut [f32], b: &[f32], act: Option<Activation>) {
+        for row in y.chunks_exact_mut(b.len()) {
+            match act {
+                None => row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
+                Some(Activation::QuickGelu) => {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v = quick_gelu(*v + b))
+                }
+                Some(Activation::Gelu) => row.iter_mut().zip(b).for_each(|(v, b)| *v = gelu(*v + b)),
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn bias_residual_rows(y: &mut [f32], r: &[f32], b: &[f32]) {
+        for (yr, rr) in y.chunks_exact_mut(b.len()).zip(r.chunks_exact(b.len())) {
+            for ((v, b), r) in yr.iter_mut().zip(b).zip(rr) {
+                *v += b + r;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn softmax_rows(y: &mut [f32], n: usize) {
+        y.chunks_exact_mut(n).for_each(softmax_row);
+    }
+}
+
+multiversion! {
+    fn masked_softmax_block(block: &mut [f32], mask: &[f32], n: usize) {
+        for (row, mrow) in block.chunks_exact_mut(n).zip(mask.chunks_exact(n)) {
+            row.iter_mut().zip(mrow).for_each(|(v, m)| *v += m);
+            softmax_row(row);
+        }
+    }
+}
+
+multiversion! {
+    fn layer_norm_rows(x: &[f32], y: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        let n = w.len();
+        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            // Two-pass mean / variance (candle's fused kernel uses E[x^2] - E[x]^2).
+            let mean = sum8(xr, |v| v) / n as f32;
+            let var = sum8(xr, |v| (v - mean) * (v - mean)) / n as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (((o, &v), w), b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *o = (v - mean) * inv * w + b;
+            }
+        }
+    }
 }
 
 /// `y = act(y + bias)` over the rows of `y [.., n]`, bias `[n]`.
@@ -97,20 +222,15 @@ impl InplaceOp2 for BiasAct {
         let b = f32_slice(bias, bias_l, self.name())?;
         let n = b.len();
         if n == 0 || y.len() % n != 0 {
-            candle_core::bail!("{}: bias of {n} does not divide {} values", self.name(), y.len());
+            candle_core::bail!(
+                "{}: bias of {n} does not divide {} values",
+                self.name(),
+                y.len()
+            );
         }
         let act = self.0;
-        y.par_chunks_mut(n * rows_per_task(n)).for_each(|chunk| {
-            for row in chunk.chunks_exact_mut(n) {
-                match act {
-                    None => row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
-                    Some(Activation::QuickGelu) => {
-                        row.iter_mut().zip(b).for_each(|(v, b)| *v = quick_gelu(*v + b))
-                    }
-                    Some(Activation::Gelu) => row.iter_mut().zip(b).for_each(|(v, b)| *v = gelu(*v + b)),
-                }
-            }
-        });
+        y.par_chunks_mut(n * rows_per_task(n))
+            .for_each(|chunk| bias_act_rows(chunk, b, act));
         Ok(())
     }
 }
@@ -142,13 +262,7 @@ impl InplaceOp3 for BiasResidual {
         let step = n * rows_per_task(n);
         y.par_chunks_mut(step)
             .zip(r.par_chunks(step))
-            .for_each(|(yc, rc)| {
-                for (yr, rr) in yc.chunks_exact_mut(n).zip(rc.chunks_exact(n)) {
-                    for ((v, b), r) in yr.iter_mut().zip(b).zip(rr) {
-                        *v += b + r;
-                    }
-                }
-            });
+            .for_each(|(yc, rc)| bias_residual_rows(yc, rc, b));
         Ok(())
     }
 }
@@ -158,42 +272,6 @@ pub(crate) struct Softmax;
 
 /// Softmax over the last dim in place after adding a `[N, N]` mask to every `[.., N, N]` block.
 pub(crate) struct MaskedSoftmax;
-
-/// Max and sum over 8 lanes so the reductions vectorise (f32 reductions are not reassociated).
-#[inline(always)]
-fn softmax_row(row: &mut [f32]) {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
-        }
-    }
-    let mut max = m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    for &v in chunks.remainder() {
-        max = if v > max { v } else { max };
-    }
-    if max == f32::NEG_INFINITY {
-        // Fully masked row: keep it finite rather than NaN (never happens with a causal mask).
-        row.iter_mut().for_each(|v| *v = 0.0);
-        return;
-    }
-    let mut s = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            c[i] = exp_f32(c[i] - max);
-            s[i] += c[i];
-        }
-    }
-    let mut sum: f32 = s.iter().sum();
-    for v in chunks.into_remainder() {
-        *v = exp_f32(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
@@ -208,7 +286,7 @@ impl InplaceOp1 for Softmax {
         let n = last_dim(layout);
         let y = f32_slice_mut(storage, layout, self.name())?;
         y.par_chunks_mut(n * rows_per_task(n))
-            .for_each(|c| c.chunks_exact_mut(n).for_each(softmax_row));
+            .for_each(|c| softmax_rows(c, n));
         Ok(())
     }
 }
@@ -232,13 +310,42 @@ impl InplaceOp2 for MaskedSoftmax {
             candle_core::bail!("{}: mask must be [{n}, {n}]", self.name());
         }
         // One task per [N, N] block (batch x head): the mask row is the row index in the block.
-        y.par_chunks_mut(n * n).for_each(|block| {
-            for (row, mrow) in block.chunks_exact_mut(n).zip(mask.chunks_exact(n)) {
-                row.iter_mut().zip(mrow).for_each(|(v, m)| *v += m);
-                softmax_row(row);
-            }
-        });
+        y.par_chunks_mut(n * n)
+            .for_each(|block| masked_softmax_block(block, mask, n));
         Ok(())
+    }
+}
+
+/// LayerNorm over the last dim (`x`, weight, bias), a new tensor.
+pub(crate) struct LayerNorm(pub f32);
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "capt-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, self.name())?;
+        let w = f32_slice(ws, wl, self.name())?;
+        let b = f32_slice(bs, bl, self.name())?;
+        let n = w.len();
+        if n == 0 || b.len() != n || last_dim(xl) != n {
+            candle_core::bail!("{}: weight/bias do not match the last dim", self.name());
+        }
+        let mut y = vec![0f32; x.len()];
+        let step = n * rows_per_task(n);
+        y.par_chunks_mut(step)
+            .zip(x.par_chunks(step))
+            .for_each(|(yc, xc)| layer_norm_rows(xc, yc, w, b, self.0));
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 }
 
@@ -267,10 +374,19 @@ mod tests {
             let x = i as f32 * 0.01;
             let xd = x as f64;
             let qg = xd / (1.0 + (-1.702 * xd).exp());
-            assert!((quick_gelu(x) as f64 - qg).abs() < 1e-6 * (1.0 + qg.abs()), "quick_gelu({x})");
-            let g = candle_core::Tensor::new(&[xd], &Device::Cpu).unwrap().gelu_erf().unwrap();
+            assert!(
+                (quick_gelu(x) as f64 - qg).abs() < 1e-6 * (1.0 + qg.abs()),
+                "quick_gelu({x})"
+            );
+            let g = candle_core::Tensor::new(&[xd], &Device::Cpu)
+                .unwrap()
+                .gelu_erf()
+                .unwrap();
             let g = g.to_vec1::<f64>().unwrap()[0];
-            assert!((gelu(x) as f64 - g).abs() < 1e-6 * (1.0 + g.abs()), "gelu({x})");
+            assert!(
+                (gelu(x) as f64 - g).abs() < 1e-6 * (1.0 + g.abs()),
+                "gelu({x})"
+            );
         }
     }
 
@@ -281,11 +397,19 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, 11, &dev).unwrap();
         let r = Tensor::randn(0f32, 1.0, (5, 7, 11), &dev).unwrap();
         let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
 
         let got = y.copy().unwrap();
-        got.inplace_op2(&b, &BiasAct(Some(Activation::QuickGelu))).unwrap();
+        got.inplace_op2(&b, &BiasAct(Some(Activation::QuickGelu)))
+            .unwrap();
         let z = y.broadcast_add(&b).unwrap();
         let want = (&z * candle_nn::ops::sigmoid(&(&z * 1.702).unwrap()).unwrap()).unwrap();
         assert!(max_diff(&got, &want) < 1e-5);
@@ -299,6 +423,11 @@ mod tests {
         got.inplace_op1(&Softmax).unwrap();
         let want = candle_nn::ops::softmax(&y, D::Minus1).unwrap();
         assert!(max_diff(&got, &want) < 1e-6);
+
+        let w = Tensor::randn(0f32, 1.0, 11, &dev).unwrap();
+        let got = y.apply_op3_no_bwd(&w, &b, &LayerNorm(1e-5)).unwrap();
+        let want = candle_nn::ops::layer_norm_slow(&y, &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
 
         let sq = Tensor::randn(0f32, 3.0, (2, 3, 9, 9), &dev).unwrap();
         let mask = crate::text::causal_mask(9, DType::F32, &dev).unwrap();

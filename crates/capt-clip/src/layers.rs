@@ -59,7 +59,9 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
         // The fused kernel has no F64 path; F64 is only used for gradient checks anyway.
-        if fast && x.dtype() != DType::F64 && x.is_contiguous() {
+        if fast && fast::fusable(x) && fast::fusable(&self.weight) && x.is_contiguous() {
+            x.apply_op3_no_bwd(&self.weight, &self.bias, &fast::LayerNorm(self.eps as f32))
+        } else if fast && x.dtype() != DType::F64 && x.is_contiguous() {
             candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
         } else {
             layer_norm(x, &self.weight, &self.bias, self.eps)
@@ -177,8 +179,9 @@ fn activation(x: &Tensor, act: Activation, fast: bool) -> Result<Tensor> {
         Activation::Gelu if fast => x.gelu_erf(),
         // candle's `gelu_erf` backward uses 0.398942 for 1/sqrt(2 pi) (7e-7 relative error,
         // visible in F64 gradient checks); erf's backward is exact.
-        Activation::Gelu => ((x * 0.5)? * (x / std::f64::consts::SQRT_2)?.erf()?.affine(1.0, 1.0)?)?
-            .contiguous(),
+        Activation::Gelu => {
+            ((x * 0.5)? * (x / std::f64::consts::SQRT_2)?.erf()?.affine(1.0, 1.0)?)?.contiguous()
+        }
     }
 }
 
@@ -227,7 +230,7 @@ impl Attention {
         let (h, dh) = (self.num_heads, self.head_dim);
         let qkv = self
             .qkv
-            .forward(x)?
+            .forward_with(x, None, None, fast)?
             .reshape((b, n, 3, h, dh))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?; // [3, B, H, N, dh]

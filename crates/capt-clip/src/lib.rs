@@ -21,7 +21,9 @@ pub mod vision;
 pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::{ClipError, Result};
 pub use layers::Mode;
-pub use load::{backbone_hash, expected_tensors, resolve_checkpoint, CheckpointFiles, CheckpointFormat};
+pub use load::{
+    backbone_hash, expected_tensors, resolve_checkpoint, CheckpointFiles, CheckpointFormat,
+};
 pub use model::{l2_normalize, ClipModel};
 pub use text::{ClipTextTower, DeepTextPrompts, TextPrompts};
 pub use vision::{ClipVisionTower, VisionOutput, VisualPrompts};

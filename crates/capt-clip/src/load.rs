@@ -57,10 +57,10 @@ pub fn resolve_checkpoint(path: impl AsRef<Path>) -> Result<CheckpointFiles> {
                     return Err(ClipError::UnknownFormat {
                         file: path.to_path_buf(),
                         reason: format!(
-                            "expected model.safetensors or exactly one *.safetensors file, found {}; \
+                        "expected model.safetensors or exactly one *.safetensors file, found {}; \
                              convert .bin/.pt checkpoints with safetensors.torch.save_file",
-                            found.len()
-                        ),
+                        found.len()
+                    ),
                     })
                 }
             }
@@ -91,19 +91,37 @@ pub fn expected_tensors(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
         "text_model.embeddings.position_embedding.weight".into(),
         &[t.max_position_embeddings, t.hidden_size],
     );
-    encoder_tensors("text_model", t.hidden_size, t.intermediate_size, t.num_hidden_layers, &mut push);
-    push("text_model.final_layer_norm.weight".into(), &[t.hidden_size]);
+    encoder_tensors(
+        "text_model",
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_hidden_layers,
+        &mut push,
+    );
+    push(
+        "text_model.final_layer_norm.weight".into(),
+        &[t.hidden_size],
+    );
     push("text_model.final_layer_norm.bias".into(), &[t.hidden_size]);
     push("text_projection.weight".into(), &[d, t.hidden_size]);
     push("vision_model.embeddings.class_embedding".into(), &[w]);
-    push("vision_model.embeddings.patch_embedding.weight".into(), &[w, c, p, p]);
+    push(
+        "vision_model.embeddings.patch_embedding.weight".into(),
+        &[w, c, p, p],
+    );
     push(
         "vision_model.embeddings.position_embedding.weight".into(),
         &[v.num_patches() + 1, w],
     );
     push("vision_model.pre_layrnorm.weight".into(), &[w]);
     push("vision_model.pre_layrnorm.bias".into(), &[w]);
-    encoder_tensors("vision_model", w, v.intermediate_size, v.num_hidden_layers, &mut push);
+    encoder_tensors(
+        "vision_model",
+        w,
+        v.intermediate_size,
+        v.num_hidden_layers,
+        &mut push,
+    );
     push("vision_model.post_layernorm.weight".into(), &[w]);
     push("vision_model.post_layernorm.bias".into(), &[w]);
     push("visual_projection.weight".into(), &[d, w]);
@@ -245,13 +263,19 @@ pub fn infer_config(
     let count_layers = |prefix: &str| -> usize {
         shapes
             .keys()
-            .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+            .filter_map(|k| {
+                k.strip_prefix(prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
             .map(|i| i + 1)
             .max()
             .unwrap_or(0)
     };
     let heads = |width: usize, what: &str| -> Result<usize> {
-        if width >= 64 && width % 64 == 0 {
+        if width >= 64 && width.is_multiple_of(64) {
             Ok(width / 64)
         } else {
             Err(ClipError::UnknownFormat {
@@ -264,10 +288,19 @@ pub fn infer_config(
         }
     };
 
-    let tok = get(pick("text_model.embeddings.token_embedding.weight", "token_embedding.weight"), 2)?;
+    let tok = get(
+        pick(
+            "text_model.embeddings.token_embedding.weight",
+            "token_embedding.weight",
+        ),
+        2,
+    )?;
     let (vocab, width) = (tok[0], tok[1]);
     let ctx = get(
-        pick("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+        pick(
+            "text_model.embeddings.position_embedding.weight",
+            "positional_embedding",
+        ),
         2,
     )?[0];
     let t_prefix = pick("text_model.encoder.layers.", "transformer.resblocks.");
@@ -279,12 +312,18 @@ pub fn infer_config(
     let proj_dim = if hf { tproj[0] } else { tproj[1] };
 
     let conv = get(
-        pick("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight"),
+        pick(
+            "vision_model.embeddings.patch_embedding.weight",
+            "visual.conv1.weight",
+        ),
         4,
     )?;
     let (v_width, channels, patch) = (conv[0], conv[1], conv[2]);
     let n_pos = get(
-        pick("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
+        pick(
+            "vision_model.embeddings.position_embedding.weight",
+            "visual.positional_embedding",
+        ),
         2,
     )?[0];
     let grid = (((n_pos.saturating_sub(1)) as f64).sqrt().round()) as usize;
@@ -294,7 +333,10 @@ pub fn infer_config(
             reason: format!("{n_pos} vision positions is not a square grid plus CLS"),
         });
     }
-    let v_prefix = pick("vision_model.encoder.layers.", "visual.transformer.resblocks.");
+    let v_prefix = pick(
+        "vision_model.encoder.layers.",
+        "visual.transformer.resblocks.",
+    );
     let v_inter = get(
         &format!("{v_prefix}0.{}", pick("mlp.fc1.weight", "mlp.c_fc.weight")),
         2,
@@ -367,10 +409,12 @@ fn to_hf_tensors(
     for (hf_name, shape) in expected_tensors(cfg) {
         let (src_name, take) = match format {
             CheckpointFormat::HuggingFace => (hf_name.clone(), Take::Whole),
-            CheckpointFormat::OpenAi => openai_source(&hf_name).ok_or_else(|| ClipError::UnknownFormat {
-                file: file.to_path_buf(),
-                reason: format!("no OpenAI name known for `{hf_name}`"),
-            })?,
+            CheckpointFormat::OpenAi => {
+                openai_source(&hf_name).ok_or_else(|| ClipError::UnknownFormat {
+                    file: file.to_path_buf(),
+                    reason: format!("no OpenAI name known for `{hf_name}`"),
+                })?
+            }
         };
         let src_shape: Vec<usize> = match take {
             Take::Whole => shape.clone(),
@@ -441,7 +485,10 @@ impl ClipModel {
             }
             (None, Some(cfg_file)) => ClipConfig::from_hf_config_json(cfg_file)?,
             (None, None) => {
-                let shapes = raw.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+                let shapes = raw
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                    .collect();
                 infer_config(&shapes, format, file)?
             }
         };

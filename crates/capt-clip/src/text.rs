@@ -4,7 +4,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, VarBuilder};
 
 use crate::config::ClipConfig;
-use crate::layers::{encoder_layers, expand_prompt, EncoderDims, EncoderLayer, LayerNorm, Linear, Mode};
+use crate::layers::{
+    encoder_layers, expand_prompt, EncoderDims, EncoderLayer, LayerNorm, Linear, Mode,
+};
 
 /// Deep text prompts (IVLP / PromptSRC): `layers[k]` replaces the prompt slots (positions
 /// `1..=n`, right after SOT) before text layer `k + 1`. Each entry is `[n, W]` (shared by the
@@ -46,9 +48,11 @@ impl ClipTextTower {
             mean: 0.0,
             stdev: 0.02,
         };
-        let table = emb
-            .pp("token_embedding")
-            .get_with_hints((c.vocab_size, c.hidden_size), "weight", std)?;
+        let table = emb.pp("token_embedding").get_with_hints(
+            (c.vocab_size, c.hidden_size),
+            "weight",
+            std,
+        )?;
         let position_embedding = emb.pp("position_embedding").get_with_hints(
             (c.max_position_embeddings, c.hidden_size),
             "weight",
@@ -127,7 +131,10 @@ impl ClipTextTower {
             .map(|r| {
                 r.iter()
                     .enumerate()
-                    .fold((0, i64::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+                    .fold(
+                        (0, i64::MIN),
+                        |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+                    )
                     .0
             })
             .collect())
@@ -176,9 +183,22 @@ impl ClipTextTower {
         inputs.extend(deep_layers.iter());
         let fast = self.mode.is_fast(self.weights_track, &inputs);
 
-        let embeds = embeds.to_dtype(self.dtype())?;
-        let mut x = embeds.broadcast_add(&self.position_embedding.narrow(0, 0, l)?)?;
-        let mask = causal_mask(l, self.dtype(), self.device())?;
+        // Under the causal mask no position after the last EOT can reach any EOT output, so the
+        // sequence is cut there (exact; 77 -> ~20 tokens for typical prompts).
+        let n_deep = deep_layers
+            .iter()
+            .map(|p| p.dim(p.rank().saturating_sub(2)))
+            .collect::<Result<Vec<_>>>()?;
+        let l_run = eot_positions
+            .iter()
+            .map(|e| e + 1)
+            .chain(n_deep.iter().map(|n| n + 1))
+            .max()
+            .unwrap_or(l)
+            .min(l);
+        let embeds = embeds.narrow(1, 0, l_run)?.to_dtype(self.dtype())?;
+        let mut x = embeds.broadcast_add(&self.position_embedding.narrow(0, 0, l_run)?)?;
+        let mask = causal_mask(l_run, self.dtype(), self.device())?;
         for (i, layer) in self.layers.iter().enumerate() {
             if i >= 1 {
                 if let Some(p) = deep_layers.get(i - 1) {
@@ -190,11 +210,11 @@ impl ClipTextTower {
         let idx: Vec<u32> = eot_positions
             .iter()
             .enumerate()
-            .map(|(i, &e)| (i * l + e) as u32)
+            .map(|(i, &e)| (i * l_run + e) as u32)
             .collect();
         let idx = Tensor::from_vec(idx, b, x.device())?;
         // LayerNorm is per token, so pooling first is the same as HF's LN-then-pool.
-        let pooled = x.reshape((b * l, w))?.index_select(&idx, 0)?;
+        let pooled = x.reshape((b * l_run, w))?.index_select(&idx, 0)?;
         let pooled = self.final_layer_norm.forward(&pooled, fast)?;
         self.projection.forward(&pooled)
     }
@@ -273,7 +293,10 @@ fn replace_slots(x: &Tensor, prompt: &Tensor) -> Result<Tensor> {
     if n + 1 > l {
         candle_core::bail!("{n} deep prompt tokens do not fit in a sequence of {l}");
     }
-    Tensor::cat(&[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, l - 1 - n)?], 1)
+    Tensor::cat(
+        &[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, l - 1 - n)?],
+        1,
+    )
 }
 
 #[cfg(test)]

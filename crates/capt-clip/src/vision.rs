@@ -4,7 +4,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::{ClipConfig, ClipVisionConfig};
-use crate::layers::{encoder_layers, expand_prompt, EncoderDims, EncoderLayer, LayerNorm, Linear, Mode};
+use crate::layers::{
+    encoder_layers, expand_prompt, EncoderDims, EncoderLayer, LayerNorm, Linear, Mode,
+};
 
 /// Deep visual prompts (MaPLe / IVLP): `layers[0]` is appended after the patch tokens before
 /// `pre_layrnorm` (so it enters layer 0), `layers[k]` (k >= 1) replaces those tokens before
@@ -56,7 +58,8 @@ impl ClipVisionTower {
             std(((ch * p * p) as f64).powf(-0.5)),
         )?;
         let patch_embedding = Linear::from_parts(conv.reshape((w, ch * p * p))?, None);
-        let class_embedding = emb.get_with_hints(w, "class_embedding", std((w as f64).powf(-0.5)))?;
+        let class_embedding =
+            emb.get_with_hints(w, "class_embedding", std((w as f64).powf(-0.5)))?;
         let position_embedding = emb.pp("position_embedding").get_with_hints(
             (c.num_patches() + 1, w),
             "weight",

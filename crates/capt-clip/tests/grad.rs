@@ -61,7 +61,11 @@ fn shared_ctx_gradient_matches_finite_differences() {
     let ctx = Var::from_tensor(&get(&r, "prompt.ctx")).unwrap();
     let loss = |ctx: &Tensor| {
         let p = m.text.build_prompts(ctx, &ids).unwrap();
-        weighted_sum(&m.text.forward_embeds(&p.embeds, &p.eot_positions, None).unwrap())
+        weighted_sum(
+            &m.text
+                .forward_embeds(&p.embeds, &p.eot_positions, None)
+                .unwrap(),
+        )
     };
     let grads = loss(ctx.as_tensor()).backward().unwrap();
     let g = grads.get(ctx.as_tensor()).expect("ctx gradient");
@@ -76,14 +80,22 @@ fn class_specific_ctx_gradient_matches_finite_differences() {
     let ctx = Var::from_tensor(&get(&r, "prompt.ctx_cs")).unwrap();
     let loss = |ctx: &Tensor| {
         let p = m.text.build_prompts(ctx, &ids).unwrap();
-        let t = m.text.forward_embeds(&p.embeds, &p.eot_positions, None).unwrap();
+        let t = m
+            .text
+            .forward_embeds(&p.embeds, &p.eot_positions, None)
+            .unwrap();
         // Through the logits as the trainer uses them.
-        let img = m.vision.forward(&get(&r, "image.pixels").to_dtype(DType::F64).unwrap(), None).unwrap();
+        let img = m
+            .vision
+            .forward(&get(&r, "image.pixels").to_dtype(DType::F64).unwrap(), None)
+            .unwrap();
         weighted_sum(&m.logits(&img.global, &t).unwrap())
     };
     let grads = loss(ctx.as_tensor()).backward().unwrap();
     let g = grads.get(ctx.as_tensor()).expect("ctx gradient");
-    check_fd("class-specific ctx", ctx.as_tensor(), g, |c| scalar(&loss(c)));
+    check_fd("class-specific ctx", ctx.as_tensor(), g, |c| {
+        scalar(&loss(c))
+    });
 }
 
 #[test]
@@ -98,14 +110,20 @@ fn deep_text_prompt_gradient_matches_finite_differences() {
         let d = DeepTextPrompts {
             layers: vec![deep.clone()],
         };
-        weighted_sum(&m.text.forward_embeds(&p.embeds, &p.eot_positions, Some(&d)).unwrap())
+        weighted_sum(
+            &m.text
+                .forward_embeds(&p.embeds, &p.eot_positions, Some(&d))
+                .unwrap(),
+        )
     };
     let grads = loss(ctx.as_tensor(), deep.as_tensor()).backward().unwrap();
     let gd = grads.get(deep.as_tensor()).expect("deep prompt gradient");
     check_fd("deep text prompt", deep.as_tensor(), gd, |d| {
         scalar(&loss(ctx.as_tensor(), d))
     });
-    let gc = grads.get(ctx.as_tensor()).expect("ctx gradient with deep prompts");
+    let gc = grads
+        .get(ctx.as_tensor())
+        .expect("ctx gradient with deep prompts");
     check_fd("ctx under deep prompts", ctx.as_tensor(), gc, |c| {
         scalar(&loss(c, deep.as_tensor()))
     });
@@ -127,11 +145,15 @@ fn deep_visual_prompt_gradient_matches_finite_differences() {
         (weighted_sum(&out.global) + weighted_sum(&out.local)).unwrap()
     };
     let grads = loss(p0.as_tensor(), p1.as_tensor()).backward().unwrap();
-    let g0 = grads.get(p0.as_tensor()).expect("layer-0 visual prompt gradient");
+    let g0 = grads
+        .get(p0.as_tensor())
+        .expect("layer-0 visual prompt gradient");
     check_fd("visual prompt layer 0", p0.as_tensor(), g0, |p| {
         scalar(&loss(p, p1.as_tensor()))
     });
-    let g1 = grads.get(p1.as_tensor()).expect("layer-1 visual prompt gradient");
+    let g1 = grads
+        .get(p1.as_tensor())
+        .expect("layer-1 visual prompt gradient");
     check_fd("visual prompt layer 1", p1.as_tensor(), g1, |p| {
         scalar(&loss(p0.as_tensor(), p))
     });
@@ -147,11 +169,21 @@ fn fast_mode_cuts_gradients_and_auto_does_not() {
     let ctx = Var::from_tensor(&get(&r, "prompt.ctx").to_dtype(DType::F32).unwrap()).unwrap();
     let grad_norm = |m: &ClipModel| {
         let p = m.text.build_prompts(ctx.as_tensor(), &ids).unwrap();
-        let out = m.text.forward_embeds(&p.embeds, &p.eot_positions, None).unwrap();
+        let out = m
+            .text
+            .forward_embeds(&p.embeds, &p.eot_positions, None)
+            .unwrap();
         let grads = out.sum_all().unwrap().backward().unwrap();
         grads
             .get(ctx.as_tensor())
-            .map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
             .unwrap_or(0.0)
     };
     m.set_mode(Mode::Fast);

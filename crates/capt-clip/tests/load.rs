@@ -23,7 +23,11 @@ fn edited_hf(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> tempfile::TempD
     let mut t = read(&tiny_hf().join("model.safetensors"));
     edit(&mut t);
     candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
-    std::fs::copy(tiny_hf().join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        tiny_hf().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     dir
 }
 
@@ -42,21 +46,34 @@ fn missing_tensor_is_named() {
     });
     let e = err_of(ClipModel::load(dir.path(), DType::F32, &Device::Cpu));
     let msg = e.to_string();
-    assert!(matches!(&e, ClipError::MissingTensor { name: n, expected, .. } if n == name && expected == &[48]));
-    assert!(msg.contains(name) && msg.contains("[48]") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        matches!(&e, ClipError::MissingTensor { name: n, expected, .. } if n == name && expected == &[48])
+    );
+    assert!(
+        msg.contains(name) && msg.contains("[48]") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn misshaped_tensor_is_named() {
     let name = "text_model.encoder.layers.0.self_attn.k_proj.weight";
     let dir = edited_hf(|t| {
-        t.insert(name.into(), Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            name.into(),
+            Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = err_of(ClipModel::load(dir.path(), DType::F32, &Device::Cpu));
     let msg = e.to_string();
-    assert!(matches!(&e, ClipError::ShapeMismatch { name: n, expected, found, .. }
-        if n == name && expected == &[32, 32] && found == &[32, 31]));
-    assert!(msg.contains(name) && msg.contains("[32, 32]") && msg.contains("[32, 31]"), "{msg}");
+    assert!(
+        matches!(&e, ClipError::ShapeMismatch { name: n, expected, found, .. }
+        if n == name && expected == &[32, 32] && found == &[32, 31])
+    );
+    assert!(
+        msg.contains(name) && msg.contains("[32, 32]") && msg.contains("[32, 31]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -67,28 +84,65 @@ fn missing_openai_tensor_is_named_by_its_openai_name() {
     let file = dir.path().join("clip.safetensors");
     candle_core::safetensors::save(&t, &file).unwrap();
     let cfg = ClipConfig::from_hf_config_json(tiny_hf().join("config.json")).unwrap();
-    let e = err_of(ClipModel::load_with_config(&file, Some(&cfg), DType::F32, &Device::Cpu));
-    assert!(matches!(&e, ClipError::MissingTensor { name, expected, .. }
+    let e = err_of(ClipModel::load_with_config(
+        &file,
+        Some(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    ));
+    assert!(
+        matches!(&e, ClipError::MissingTensor { name, expected, .. }
         if name == "visual.transformer.resblocks.0.attn.in_proj_weight" && expected == &[144, 48]),
-        "{e}");
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_config_is_named() {
     let cases = [
-        ("text_config", "hidden_act", serde_json::json!("relu"), "text_config.hidden_act"),
-        ("vision_config", "num_attention_heads", serde_json::json!(5), "vision_config.num_attention_heads"),
-        ("vision_config", "patch_size", serde_json::json!(7), "vision_config.patch_size"),
-        ("vision_config", "image_size", serde_json::json!([32, 48]), "vision_config.image_size"),
-        ("text_config", "hidden_size", serde_json::json!("big"), "text_config.hidden_size"),
+        (
+            "text_config",
+            "hidden_act",
+            serde_json::json!("relu"),
+            "text_config.hidden_act",
+        ),
+        (
+            "vision_config",
+            "num_attention_heads",
+            serde_json::json!(5),
+            "vision_config.num_attention_heads",
+        ),
+        (
+            "vision_config",
+            "patch_size",
+            serde_json::json!(7),
+            "vision_config.patch_size",
+        ),
+        (
+            "vision_config",
+            "image_size",
+            serde_json::json!([32, 48]),
+            "vision_config.image_size",
+        ),
+        (
+            "text_config",
+            "hidden_size",
+            serde_json::json!("big"),
+            "text_config.hidden_size",
+        ),
     ];
     for (section, key, value, field) in cases {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(tiny_hf().join("config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(tiny_hf().join("config.json")).unwrap())
+                .unwrap();
         cfg[section][key] = value;
         std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-        std::fs::copy(tiny_hf().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+        std::fs::copy(
+            tiny_hf().join("model.safetensors"),
+            dir.path().join("model.safetensors"),
+        )
+        .unwrap();
         let e = err_of(ClipModel::load(dir.path(), DType::F32, &Device::Cpu));
         let msg = e.to_string();
         assert!(
@@ -99,7 +153,11 @@ fn bad_config_is_named() {
     }
     // A vision-only config is not a CLIPModel config.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "clip_vision_model"}"#).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "clip_vision_model"}"#,
+    )
+    .unwrap();
     let e = ClipConfig::from_hf_config_json(dir.path().join("config.json")).unwrap_err();
     assert!(e.to_string().contains("model_type"), "{e}");
 }
@@ -109,13 +167,23 @@ fn not_a_checkpoint_errors() {
     let dir = tempfile::tempdir().unwrap();
     let e = err_of(ClipModel::load(dir.path(), DType::F32, &Device::Cpu));
     assert!(matches!(e, ClipError::UnknownFormat { .. }), "{e}");
-    let e = err_of(ClipModel::load(dir.path().join("nope.safetensors"), DType::F32, &Device::Cpu));
+    let e = err_of(ClipModel::load(
+        dir.path().join("nope.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    ));
     assert!(matches!(e, ClipError::Io { .. }), "{e}");
     let file = dir.path().join("x.safetensors");
-    let t = HashMap::from([("foo".to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())]);
+    let t = HashMap::from([(
+        "foo".to_string(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    )]);
     candle_core::safetensors::save(&t, &file).unwrap();
     let e = err_of(ClipModel::load(&file, DType::F32, &Device::Cpu));
-    assert!(matches!(e, ClipError::UnknownFormat { .. }) && e.to_string().contains("foo"), "{e}");
+    assert!(
+        matches!(e, ClipError::UnknownFormat { .. }) && e.to_string().contains("foo"),
+        "{e}"
+    );
     let e = err_of(ClipModel::load(tiny_hf(), DType::U8, &Device::Cpu));
     assert!(matches!(e, ClipError::UnsupportedDType(DType::U8)), "{e}");
 }
@@ -136,8 +204,10 @@ fn hf_config_files_parse() {
 #[test]
 fn config_inferred_from_openai_shapes() {
     let file = tiny_openai();
-    let shapes: HashMap<String, Vec<usize>> =
-        read(&file).into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect();
+    let shapes: HashMap<String, Vec<usize>> = read(&file)
+        .into_iter()
+        .map(|(k, t)| (k, t.dims().to_vec()))
+        .collect();
     // Width 32 has no OpenAI head count (width / 64): a clear error, not a guess.
     let e = infer_config(&shapes, CheckpointFormat::OpenAi, &file).unwrap_err();
     assert!(e.to_string().contains("head count"), "{e}");
@@ -145,15 +215,52 @@ fn config_inferred_from_openai_shapes() {
     let scaled: HashMap<String, Vec<usize>> = shapes
         .into_iter()
         .map(|(k, s)| {
-            let s = s.into_iter().map(|d| match d { 32 => 128, 48 => 192, 96 => 288, 144 => 576, d => d }).collect();
+            let s = s
+                .into_iter()
+                .map(|d| match d {
+                    32 => 128,
+                    48 => 192,
+                    96 => 288,
+                    144 => 576,
+                    d => d,
+                })
+                .collect();
             (k, s)
         })
         .collect();
     let cfg = infer_config(&scaled, CheckpointFormat::OpenAi, &file).unwrap();
-    assert_eq!((cfg.text.vocab_size, cfg.text.hidden_size, cfg.text.num_attention_heads), (600, 128, 2));
-    assert_eq!((cfg.text.num_hidden_layers, cfg.text.max_position_embeddings, cfg.text.intermediate_size), (2, 77, 64));
-    assert_eq!((cfg.vision.hidden_size, cfg.vision.num_attention_heads, cfg.vision.num_hidden_layers), (192, 3, 2));
-    assert_eq!((cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.intermediate_size), (32, 8, 288));
+    assert_eq!(
+        (
+            cfg.text.vocab_size,
+            cfg.text.hidden_size,
+            cfg.text.num_attention_heads
+        ),
+        (600, 128, 2)
+    );
+    assert_eq!(
+        (
+            cfg.text.num_hidden_layers,
+            cfg.text.max_position_embeddings,
+            cfg.text.intermediate_size
+        ),
+        (2, 77, 64)
+    );
+    assert_eq!(
+        (
+            cfg.vision.hidden_size,
+            cfg.vision.num_attention_heads,
+            cfg.vision.num_hidden_layers
+        ),
+        (192, 3, 2)
+    );
+    assert_eq!(
+        (
+            cfg.vision.image_size,
+            cfg.vision.patch_size,
+            cfg.vision.intermediate_size
+        ),
+        (32, 8, 288)
+    );
     assert_eq!(cfg.projection_dim, 24);
 }
 
@@ -194,7 +301,12 @@ fn half_precision_loads() {
     let bf = ClipModel::load(tiny_hf(), DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(bf.vision.dtype(), DType::BF16);
     let want = get(&r, "logit_scale").to_scalar::<f64>().unwrap();
-    let got = bf.logit_scale().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let got = bf
+        .logit_scale()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!((got - want).abs() < 1e-2);
     // The OpenAI-named file loads in half precision too.
     let cfg = ClipConfig::from_hf_config_json(tiny_hf().join("config.json")).unwrap();

@@ -70,11 +70,13 @@ impl Dataset {
                 .unwrap_or_else(|| "custom".into()),
             k => k.name().to_string(),
         };
+        // A non-default split file gets its own few-shot folder so subsets never mix.
         let default_split = match opts.kind.layout() {
             Layout::SplitFile { split_file } => raw.dataset_dir.join(split_file) == raw.source,
+            Layout::Custom => opts.split_file.is_none(),
             _ => true,
         };
-        let fewshot_dir = if default_split && opts.split_file.is_none() {
+        let fewshot_dir = if default_split {
             raw.dataset_dir.join("split_fewshot")
         } else {
             let stem = raw

@@ -36,7 +36,7 @@ pub struct EncodedViews {
 
 /// A frozen image tower (the trainer implements it with candle; tests use a mock).
 pub trait FrozenImageEncoder {
-    /// Identifies the weights and preprocessing (e.g. "openai/ViT-B-16@sha256:<weights>").
+    /// Identifies the weights and preprocessing (e.g. `openai/ViT-B-16@sha256:<weights>`).
     /// Anything that changes the features must change this id.
     fn backbone_id(&self) -> String;
     fn encode(

@@ -2,6 +2,14 @@
 //! the few-shot and base-to-novel protocol, the training loader with augmentation, and the
 //! frozen-encoder feature cache.
 //!
+//! - [`Dataset::load`] reads one of the 15 benchmark datasets ([`DatasetKind`]) from CoOp's
+//!   folders and split files, or a custom folder; [`check_dataset`] lists every problem.
+//! - [`Dataset::with_protocol`] applies CoOp's protocol bit-exactly: few-shot sampling with
+//!   CPython's `random` ([`PyRandom`]), cached in `split_fewshot/shot_K-seed_S.json`, then the
+//!   base/new class split.
+//! - [`DataLoader`] decodes in parallel and applies [`TrainAugment`] or the test transform.
+//! - [`FeatureCache`] stores N augmented views per image encoded by a [`FrozenImageEncoder`].
+//!
 //! ```no_run
 //! use capt_data::{Dataset, DatasetKind, Protocol, Subsample};
 //! let ds = Dataset::load(DatasetKind::OxfordPets, "/data")?;

@@ -30,7 +30,7 @@ impl std::fmt::Debug for PyRandom {
 
 impl PyRandom {
     /// `random.seed(seed)` for a Python int: the absolute value split into 32-bit words,
-    /// least significant first, fed to `init_by_array` (at least one word, so 0 -> [0]).
+    /// least significant first, fed to `init_by_array` (at least one word, so 0 gives `[0]`).
     pub fn seed(seed: i64) -> Self {
         let mut n = seed.unsigned_abs();
         let mut key = Vec::with_capacity(2);

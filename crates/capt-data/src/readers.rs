@@ -60,6 +60,12 @@ pub(crate) fn read(opts: &LoadOptions) -> Result<RawDataset> {
     if kind == DatasetKind::Custom {
         return read_custom(opts);
     }
+    if opts.split_file.is_some() && !matches!(kind.layout(), Layout::SplitFile { .. }) {
+        return Err(DataError::Config(format!(
+            "{} has no split file (its splits come from its folders); drop --split-file",
+            kind.name()
+        )));
+    }
     let dataset_dir = opts.root.join(kind.dataset_dir());
     if !dataset_dir.is_dir() && opts.split_file.is_none() {
         let hint = if opts.root.file_name().and_then(|n| n.to_str()) == Some(kind.dataset_dir()) {

@@ -118,13 +118,13 @@ pub fn run(args: &ClassifyArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
                     std::io::stdin()
                         .read_to_end(&mut bytes)
                         .map_err(|e| anyhow::anyhow!("cannot read stdin: {e}"))
-                        .and_then(|_| Ok(capt_core::decode_image(&bytes, "stdin")?))
+                        .and_then(|_| Ok(pre.preprocess_bytes(&bytes, "stdin")?))
                 }
-                Source::File(p) => capt_core::load_image(p).map_err(anyhow::Error::from),
+                Source::File(p) => pre.preprocess_file(p).map_err(anyhow::Error::from),
             };
             match decoded {
-                Ok(img) => {
-                    data.extend(pre.preprocess(&img));
+                Ok(pixels) => {
+                    data.extend(pixels);
                     ok_names.push(src.name());
                 }
                 Err(e) => {

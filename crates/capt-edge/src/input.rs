@@ -5,7 +5,9 @@
 
 use std::io::Cursor;
 
-use capt_core::{decode_image, PreprocessConfig, PreprocessError};
+use capt_core::{PreprocessConfig, PreprocessError};
+/// Re-exported for callers building [`NamedImage`]s.
+pub use bytes::Bytes;
 
 /// Limits on what a request may contain.
 #[derive(Debug, Clone)]
@@ -116,8 +118,7 @@ pub fn decode_one(
             }
         }
     }
-    let rgb = decode_image(bytes, name)?;
-    Ok(pre.preprocess(&rgb))
+    Ok(pre.preprocess_bytes(bytes, name)?)
 }
 
 /// Decodes all images of a request into one NCHW buffer.

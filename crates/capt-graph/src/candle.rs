@@ -101,9 +101,20 @@ impl CandleOps {
         Ok(())
     }
 
+    /// Arithmetic, ordering and reductions are not defined on Bool in ONNX opset 17.
+    fn numeric(op: &'static str, x: &Tensor) -> Result<()> {
+        if x.dtype() == CDType::U8 {
+            return Err(Error::op(op, "not defined on Bool; cast the mask first"));
+        }
+        Ok(())
+    }
+
     fn float_only(op: &'static str, x: &Tensor) -> Result<()> {
         if !x.dtype().is_float() {
-            return Err(Error::op(op, format!("needs a float input, got {:?}", x.dtype())));
+            return Err(Error::op(
+                op,
+                format!("needs a float input, got {:?}", x.dtype()),
+            ));
         }
         Ok(())
     }
@@ -164,6 +175,7 @@ impl Ops for CandleOps {
             ));
         }
         Self::same_dtype("matmul", a, b)?;
+        Self::numeric("matmul", a)?;
         a.contiguous()
             .and_then(|a| a.broadcast_matmul(&b.contiguous()?))
             .ctx("matmul")
@@ -180,7 +192,11 @@ impl Ops for CandleOps {
         if x.rank() != 4 || w.rank() != 4 {
             return Err(Error::op(
                 "conv2d",
-                format!("needs x [n,c,h,w] and w [o,c,kh,kw], got {:?} and {:?}", x.dims(), w.dims()),
+                format!(
+                    "needs x [n,c,h,w] and w [o,c,kh,kw], got {:?} and {:?}",
+                    x.dims(),
+                    w.dims()
+                ),
             ));
         }
         let y = x
@@ -197,16 +213,19 @@ impl Ops for CandleOps {
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Self::same_dtype("add", a, b)?;
+        Self::numeric("add", a)?;
         a.broadcast_add(b).ctx("add")
     }
 
     fn sub(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Self::same_dtype("sub", a, b)?;
+        Self::numeric("sub", a)?;
         a.broadcast_sub(b).ctx("sub")
     }
 
     fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Self::same_dtype("mul", a, b)?;
+        Self::numeric("mul", a)?;
         a.broadcast_mul(b).ctx("mul")
     }
 
@@ -258,11 +277,13 @@ impl Ops for CandleOps {
 
     fn less(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Self::same_dtype("less", a, b)?;
+        Self::numeric("less", a)?;
         a.broadcast_lt(b).ctx("less")
     }
 
     fn greater(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Self::same_dtype("greater", a, b)?;
+        Self::numeric("greater", a)?;
         a.broadcast_gt(b).ctx("greater")
     }
 
@@ -285,13 +306,15 @@ impl Ops for CandleOps {
         }
         match dtype {
             // `x != 0`, not a numeric conversion (candle would wrap 256 -> 0).
-            DType::Bool => x
-                .ne(&x.zeros_like().ctx("cast")?)
-                .ctx("cast"),
+            DType::Bool => x.ne(&x.zeros_like().ctx("cast")?).ctx("cast"),
             // Truncation toward zero, as ONNX Cast.
             DType::I64 if x.dtype().is_float() => {
                 let t = x.to_dtype(CDType::F64).ctx("cast")?;
-                let trunc = t.abs().and_then(|a| a.floor()).and_then(|f| f.mul(&t.sign()?)).ctx("cast")?;
+                let trunc = t
+                    .abs()
+                    .and_then(|a| a.floor())
+                    .and_then(|f| f.mul(&t.sign()?))
+                    .ctx("cast")?;
                 trunc.to_dtype(CDType::I64).ctx("cast")
             }
             _ => x.to_dtype(target).ctx("cast"),
@@ -342,6 +365,7 @@ impl Ops for CandleOps {
     }
 
     fn reduce_sum(&self, x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+        Self::numeric("reduce_sum", x)?;
         let a = norm_axis("reduce_sum", axis, x.rank())?;
         if keepdim { x.sum_keepdim(a) } else { x.sum(a) }.ctx("reduce_sum")
     }
@@ -349,22 +373,34 @@ impl Ops for CandleOps {
     fn reduce_mean(&self, x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
         Self::float_only("reduce_mean", x)?;
         let a = norm_axis("reduce_mean", axis, x.rank())?;
-        if keepdim { x.mean_keepdim(a) } else { x.mean(a) }.ctx("reduce_mean")
+        if keepdim {
+            x.mean_keepdim(a)
+        } else {
+            x.mean(a)
+        }
+        .ctx("reduce_mean")
     }
 
     fn reduce_max(&self, x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+        Self::numeric("reduce_max", x)?;
         let a = norm_axis("reduce_max", axis, x.rank())?;
         if keepdim { x.max_keepdim(a) } else { x.max(a) }.ctx("reduce_max")
     }
 
     fn argmax(&self, x: &Tensor, axis: isize, keepdim: bool) -> Result<Tensor> {
+        Self::numeric("argmax", x)?;
         let a = norm_axis("argmax", axis, x.rank())?;
-        if keepdim { x.argmax_keepdim(a) } else { x.argmax(a) }
-            .and_then(|i| i.to_dtype(CDType::I64))
-            .ctx("argmax")
+        if keepdim {
+            x.argmax_keepdim(a)
+        } else {
+            x.argmax(a)
+        }
+        .and_then(|i| i.to_dtype(CDType::I64))
+        .ctx("argmax")
     }
 
     fn topk(&self, x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+        Self::numeric("topk", x)?;
         let n = x.dims().last().copied().unwrap_or(0);
         if x.rank() == 0 || k == 0 || k > n {
             return Err(Error::op(
@@ -379,7 +415,10 @@ impl Ops for CandleOps {
             .and_then(|i| i.contiguous())
             .and_then(|i| i.to_dtype(CDType::I64))
             .ctx("topk")?;
-        let vals = x.contiguous().and_then(|c| c.gather(&idx, D::Minus1)).ctx("topk")?;
+        let vals = x
+            .contiguous()
+            .and_then(|c| c.gather(&idx, D::Minus1))
+            .ctx("topk")?;
         Ok((vals, idx))
     }
 
@@ -387,7 +426,10 @@ impl Ops for CandleOps {
         let a = norm_axis("gather", axis, x.rank())?;
         let idx = Self::index_i64("gather", indices)?;
         let flat = idx.flatten_all().ctx("gather")?;
-        let picked = x.contiguous().and_then(|c| c.index_select(&flat, a)).ctx("gather")?;
+        let picked = x
+            .contiguous()
+            .and_then(|c| c.index_select(&flat, a))
+            .ctx("gather")?;
         let mut dims = x.dims()[..a].to_vec();
         dims.extend_from_slice(idx.dims());
         dims.extend_from_slice(&x.dims()[a + 1..]);
@@ -397,7 +439,9 @@ impl Ops for CandleOps {
     fn gather_elements(&self, x: &Tensor, indices: &Tensor, axis: isize) -> Result<Tensor> {
         let a = norm_axis("gather_elements", axis, x.rank())?;
         let idx = Self::index_i64("gather_elements", indices)?;
-        x.contiguous().and_then(|c| c.gather(&idx, a)).ctx("gather_elements")
+        x.contiguous()
+            .and_then(|c| c.gather(&idx, a))
+            .ctx("gather_elements")
     }
 
     fn reshape(&self, x: &Tensor, shape: &[i64]) -> Result<Tensor> {
@@ -416,7 +460,10 @@ impl Ops for CandleOps {
             }
         }
         if perm.len() != x.rank() {
-            return Err(Error::op("permute", format!("{perm:?} for rank {}", x.rank())));
+            return Err(Error::op(
+                "permute",
+                format!("{perm:?} for rank {}", x.rank()),
+            ));
         }
         x.permute(perm).ctx("permute")
     }
@@ -489,18 +536,25 @@ mod tests {
         assert_eq!(o.dtype(&i), DType::I64);
         // ONNX Gather with a rank-2 index on axis 0.
         let table = c(&o, vec![3, 2], vec![0., 1., 10., 11., 20., 21.]);
-        let idx = o.constant(&HostTensor::i64(vec![2, 2], vec![2, 0, 1, 1]).unwrap()).unwrap();
+        let idx = o
+            .constant(&HostTensor::i64(vec![2, 2], vec![2, 0, 1, 1]).unwrap())
+            .unwrap();
         let g = o.gather(&table, &idx, 0).unwrap();
         assert_eq!(g.dims(), &[2, 2, 2]);
         assert_eq!(f32s(&g), vec![20., 21., 0., 1., 10., 11., 10., 11.]);
         // Rank-0 index drops the axis.
-        let s = o.constant(&HostTensor::i64(vec![], vec![1]).unwrap()).unwrap();
+        let s = o
+            .constant(&HostTensor::i64(vec![], vec![1]).unwrap())
+            .unwrap();
         assert_eq!(o.gather(&table, &s, 0).unwrap().dims(), &[2]);
         let ge = o.gather_elements(&x, &i, 1).unwrap();
         assert_eq!(f32s(&ge), f32s(&v));
         let oh = o.one_hot(&i, 4, DType::F32).unwrap();
         assert_eq!(oh.dims(), &[2, 2, 4]);
-        assert_eq!(f32s(&oh), vec![0., 1., 0., 0., 0., 0., 0., 1., 1., 0., 0., 0., 0., 0., 1., 0.]);
+        assert_eq!(
+            f32s(&oh),
+            vec![0., 1., 0., 0., 0., 0., 0., 1., 1., 0., 0., 0., 0., 0., 1., 0.]
+        );
         let am = o.argmax(&x, -1, false).unwrap();
         assert_eq!(i64s(&am), vec![1, 0]);
         assert!(o.topk(&x, 5).is_err());
@@ -513,14 +567,25 @@ mod tests {
         let zero = c(&o, vec![], vec![0.0]);
         let pos = o.greater(&x, &zero).unwrap();
         assert_eq!(o.dtype(&pos), DType::Bool);
+        assert!(
+            o.reduce_sum(&pos, -1, false).is_err(),
+            "sum of a Bool mask accepted"
+        );
         let w = o.where_(&pos, &x, &zero).unwrap();
         assert_eq!(f32s(&w), vec![0.0, 2.7, 0.0, 4.0, 0.0, 9.0]);
         let neg = o.cast(&o.less(&x, &zero).unwrap(), DType::F32).unwrap();
         assert_eq!(f32s(&neg), vec![1., 0., 0., 0., 1., 0.]);
-        assert_eq!(i64s(&o.cast(&x, DType::I64).unwrap()), vec![-1, 2, 0, 4, 0, 9]);
-        let nz = o.cast(&o.cast(&x, DType::Bool).unwrap(), DType::I64).unwrap();
+        assert_eq!(
+            i64s(&o.cast(&x, DType::I64).unwrap()),
+            vec![-1, 2, 0, 4, 0, 9]
+        );
+        let nz = o
+            .cast(&o.cast(&x, DType::Bool).unwrap(), DType::I64)
+            .unwrap();
         assert_eq!(i64s(&nz), vec![1, 1, 0, 1, 1, 1]);
-        let r = o.reshape(&o.unsqueeze(&x, 0).unwrap(), &[0, -1, 1]).unwrap();
+        let r = o
+            .reshape(&o.unsqueeze(&x, 0).unwrap(), &[0, -1, 1])
+            .unwrap();
         assert_eq!(r.dims(), &[1, 6, 1]);
         assert_eq!(o.expand(&r, &[1, 1, 4]).unwrap().dims(), &[1, 6, 4]);
         assert_eq!(o.pad(&x, 1, 1, 2).unwrap().dims(), &[2, 6]);

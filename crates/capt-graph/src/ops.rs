@@ -14,7 +14,9 @@ use crate::{DType, Error, HostTensor, Result};
 /// - "broadcast" means numpy / ONNX multidirectional broadcasting.
 /// - Float values are the backend's float dtype (F32 for export, F32 or F64 in candle);
 ///   indices are always [`DType::I64`] and must lie in `[0, dim)` (no negative indices);
-///   masks are [`DType::Bool`].
+///   masks are [`DType::Bool`]. Bool values only feed `where_`, `equal`, `cast` and the
+///   shape/indexing ops; arithmetic, ordering, matmul and reductions reject them (ONNX opset
+///   17 does not define those on bool), so cast a mask first.
 /// - Ops take `&self` so generic code can nest calls (`ops.add(&x, &ops.param("b")?)`); a
 ///   recording backend keeps its graph behind interior mutability.
 /// - Every method is fallible and never panics on bad input.
@@ -166,7 +168,10 @@ pub trait Ops {
     /// Swaps two axes.
     fn transpose(&self, x: &Self::T, a: isize, b: isize) -> Result<Self::T> {
         let rank = self.rank(x);
-        let (a, b) = (norm_axis("transpose", a, rank)?, norm_axis("transpose", b, rank)?);
+        let (a, b) = (
+            norm_axis("transpose", a, rank)?,
+            norm_axis("transpose", b, rank)?,
+        );
         let mut perm: Vec<usize> = (0..rank).collect();
         perm.swap(a, b);
         self.permute(x, &perm)
@@ -259,8 +264,16 @@ pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for (i, o) in out.iter_mut().enumerate() {
-        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        let da = if i + a.len() >= rank {
+            a[i + a.len() - rank]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= rank {
+            b[i + b.len() - rank]
+        } else {
+            1
+        };
         *o = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -284,7 +297,10 @@ pub fn resolve_reshape(op: &'static str, input: &[usize], spec: &[i64]) -> Resul
     for (i, &s) in spec.iter().enumerate() {
         match s {
             0 => out.push(*input.get(i).ok_or_else(|| {
-                Error::op(op, format!("0 at position {i} but the input {input:?} has no such dim"))
+                Error::op(
+                    op,
+                    format!("0 at position {i} but the input {input:?} has no such dim"),
+                )
             })?),
             -1 if infer.is_none() => {
                 infer = Some(i);
@@ -296,7 +312,7 @@ pub fn resolve_reshape(op: &'static str, input: &[usize], spec: &[i64]) -> Resul
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(Error::op(
                 op,
                 format!("cannot reshape {input:?} to {spec:?}"),
@@ -304,7 +320,10 @@ pub fn resolve_reshape(op: &'static str, input: &[usize], spec: &[i64]) -> Resul
         }
         out[i] = total / known;
     } else if known != total {
-        return Err(Error::op(op, format!("cannot reshape {input:?} to {spec:?}")));
+        return Err(Error::op(
+            op,
+            format!("cannot reshape {input:?} to {spec:?}"),
+        ));
     }
     Ok(out)
 }
@@ -335,11 +354,17 @@ mod tests {
 
     #[test]
     fn reshape_and_broadcast_rules() {
-        assert_eq!(resolve_reshape("t", &[2, 6, 8], &[0, 0, 2, 4]).unwrap(), [2, 6, 2, 4]);
+        assert_eq!(
+            resolve_reshape("t", &[2, 6, 8], &[0, 0, 2, 4]).unwrap(),
+            [2, 6, 2, 4]
+        );
         assert_eq!(resolve_reshape("t", &[2, 6, 8], &[-1, 8]).unwrap(), [12, 8]);
         assert!(resolve_reshape("t", &[2, 6, 8], &[5, -1]).is_err());
         assert!(resolve_reshape("t", &[2, 6], &[-1, -1]).is_err());
-        assert_eq!(broadcast_shape("t", &[3, 1, 5], &[4, 1]).unwrap(), [3, 4, 5]);
+        assert_eq!(
+            broadcast_shape("t", &[3, 1, 5], &[4, 1]).unwrap(),
+            [3, 4, 5]
+        );
         assert!(broadcast_shape("t", &[3], &[4]).is_err());
         assert_eq!(norm_axis("t", -1, 3).unwrap(), 2);
         assert!(norm_axis("t", 3, 3).is_err());

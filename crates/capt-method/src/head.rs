@@ -156,7 +156,10 @@ impl HeadConfig {
             ));
         }
         if self.sam_temperature.is_nan() || self.sam_temperature <= 0.0 {
-            return bad(format!("sam_temperature ({}) must be > 0", self.sam_temperature));
+            return bad(format!(
+                "sam_temperature ({}) must be > 0",
+                self.sam_temperature
+            ));
         }
         if self.hidden == 0 {
             return bad(format!(
@@ -309,7 +312,10 @@ pub fn load_balance_loss<O: Ops>(ops: &O, gates: &O::T) -> Result<O::T> {
 /// `norm(table[c, k_j])` for the pairs: `[C, K, D]` rows at flat indices `[N, K_p]` ->
 /// `[N, K_p, D]`.
 fn pair_rows<O: Ops>(ops: &O, cfg: &HeadConfig, table: &O::T, flat: &O::T) -> Result<O::T> {
-    let rows = ops.reshape(table, &[(cfg.num_classes * cfg.k_cand) as i64, cfg.dim as i64])?;
+    let rows = ops.reshape(
+        table,
+        &[(cfg.num_classes * cfg.k_cand) as i64, cfg.dim as i64],
+    )?;
     Ok(ops.l2_normalize(&ops.gather(&rows, flat, 0)?, -1)?)
 }
 

@@ -210,7 +210,10 @@ impl OnnxBuilder {
     pub fn finish(self, meta: &ModelMeta) -> Result<pb::ModelProto> {
         let g = self.inner.into_inner();
         if g.outputs.is_empty() {
-            return Err(Error::op("finish", "the graph has no outputs; call output() first"));
+            return Err(Error::op(
+                "finish",
+                "the graph has no outputs; call output() first",
+            ));
         }
         let graph = pb::GraphProto {
             node: g.nodes,
@@ -333,7 +336,21 @@ impl OnnxBuilder {
 
     fn float_only(op: &'static str, x: &Value) -> Result<()> {
         if !x.dtype.is_float() {
-            return Err(Error::op(op, format!("needs a float input, got {:?} ({})", x.dtype, x.name)));
+            return Err(Error::op(
+                op,
+                format!("needs a float input, got {:?} ({})", x.dtype, x.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Arithmetic, ordering and reductions are not defined on Bool in opset 17.
+    fn numeric(op: &'static str, x: &Value) -> Result<()> {
+        if x.dtype == DType::Bool {
+            return Err(Error::op(
+                op,
+                format!("not defined on Bool ({}); cast the mask first", x.name),
+            ));
         }
         Ok(())
     }
@@ -342,7 +359,10 @@ impl OnnxBuilder {
         if a.dtype != b.dtype {
             return Err(Error::op(
                 op,
-                format!("dtype mismatch {:?} ({}) vs {:?} ({})", a.dtype, a.name, b.dtype, b.name),
+                format!(
+                    "dtype mismatch {:?} ({}) vs {:?} ({})",
+                    a.dtype, a.name, b.dtype, b.name
+                ),
             ));
         }
         Ok(())
@@ -350,15 +370,33 @@ impl OnnxBuilder {
 
     fn index_only(op: &'static str, i: &Value) -> Result<()> {
         if i.dtype != DType::I64 {
-            return Err(Error::op(op, format!("indices must be I64, got {:?} ({})", i.dtype, i.name)));
+            return Err(Error::op(
+                op,
+                format!("indices must be I64, got {:?} ({})", i.dtype, i.name),
+            ));
         }
         Ok(())
     }
 
-    fn binary(&self, op_type: &'static str, a: &Value, b: &Value, out: Option<DType>) -> Result<Value> {
+    fn binary(
+        &self,
+        op_type: &'static str,
+        a: &Value,
+        b: &Value,
+        out: Option<DType>,
+    ) -> Result<Value> {
         Self::same_dtype(op_type, a, b)?;
+        if op_type != "Equal" {
+            Self::numeric(op_type, a)?;
+        }
         let dims = broadcast(op_type, &[&a.dims, &b.dims])?;
-        self.node1(op_type, &[&a.name, &b.name], vec![], out.unwrap_or(a.dtype), dims)
+        self.node1(
+            op_type,
+            &[&a.name, &b.name],
+            vec![],
+            out.unwrap_or(a.dtype),
+            dims,
+        )
     }
 
     fn unary(&self, op_type: &'static str, x: &Value) -> Result<Value> {
@@ -397,8 +435,14 @@ impl Ops for OnnxBuilder {
             available: self.params.len(),
         })?;
         let dims: Vec<Dim> = t.dims().iter().map(|&d| Dim::Known(d)).collect();
-        let dtype = if t.dtype().is_float() { DType::F32 } else { t.dtype() };
-        let f16 = self.opts.weights_f16 && dtype == DType::F32 && t.elem_count() >= self.opts.f16_min_elems;
+        let dtype = if t.dtype().is_float() {
+            DType::F32
+        } else {
+            t.dtype()
+        };
+        let f16 = self.opts.weights_f16
+            && dtype == DType::F32
+            && t.elem_count() >= self.opts.f16_min_elems;
         let value = {
             let mut g = self.inner.borrow_mut();
             Self::add_initializer(&mut g, name, t, f16)?;
@@ -436,7 +480,11 @@ impl Ops for OnnxBuilder {
         let name = format!("const_{}", g.next_const);
         g.next_const += 1;
         Self::add_initializer(&mut g, &name, value, false)?;
-        let dtype = if value.dtype().is_float() { DType::F32 } else { value.dtype() };
+        let dtype = if value.dtype().is_float() {
+            DType::F32
+        } else {
+            value.dtype()
+        };
         let v = Value {
             name,
             dtype,
@@ -450,16 +498,25 @@ impl Ops for OnnxBuilder {
         if a.rank() < 2 || b.rank() < 2 {
             return Err(Error::op(
                 "matmul",
-                format!("needs rank >= 2, got {} @ {}", fmt_dims(&a.dims), fmt_dims(&b.dims)),
+                format!(
+                    "needs rank >= 2, got {} @ {}",
+                    fmt_dims(&a.dims),
+                    fmt_dims(&b.dims)
+                ),
             ));
         }
         Self::same_dtype("matmul", a, b)?;
+        Self::numeric("matmul", a)?;
         let (ra, rb) = (a.rank(), b.rank());
         if let (Some(k1), Some(k2)) = (a.dims[ra - 1].known(), b.dims[rb - 2].known()) {
             if k1 != k2 {
                 return Err(Error::op(
                     "matmul",
-                    format!("inner dims differ: {} @ {}", fmt_dims(&a.dims), fmt_dims(&b.dims)),
+                    format!(
+                        "inner dims differ: {} @ {}",
+                        fmt_dims(&a.dims),
+                        fmt_dims(&b.dims)
+                    ),
                 ));
             }
         }
@@ -584,11 +641,20 @@ impl Ops for OnnxBuilder {
 
     fn where_(&self, cond: &Value, a: &Value, b: &Value) -> Result<Value> {
         if cond.dtype != DType::Bool {
-            return Err(Error::op("where", format!("condition must be Bool, got {:?}", cond.dtype)));
+            return Err(Error::op(
+                "where",
+                format!("condition must be Bool, got {:?}", cond.dtype),
+            ));
         }
         Self::same_dtype("where", a, b)?;
         let dims = broadcast("where", &[&cond.dims, &a.dims, &b.dims])?;
-        self.node1("Where", &[&cond.name, &a.name, &b.name], vec![], a.dtype, dims)
+        self.node1(
+            "Where",
+            &[&cond.name, &a.name, &b.name],
+            vec![],
+            a.dtype,
+            dims,
+        )
     }
 
     fn cast(&self, x: &Value, dtype: DType) -> Result<Value> {
@@ -596,13 +662,25 @@ impl Ops for OnnxBuilder {
             return Ok(x.clone());
         }
         let to = onnx_dtype(dtype) as i64;
-        self.node1("Cast", &[&x.name], vec![attr_i("to", to)], dtype, x.dims.clone())
+        self.node1(
+            "Cast",
+            &[&x.name],
+            vec![attr_i("to", to)],
+            dtype,
+            x.dims.clone(),
+        )
     }
 
     fn softmax(&self, x: &Value, axis: isize) -> Result<Value> {
         Self::float_only("softmax", x)?;
         let a = norm_axis("softmax", axis, x.rank())?;
-        self.node1("Softmax", &[&x.name], vec![attr_i("axis", a as i64)], x.dtype, x.dims.clone())
+        self.node1(
+            "Softmax",
+            &[&x.name],
+            vec![attr_i("axis", a as i64)],
+            x.dtype,
+            x.dims.clone(),
+        )
     }
 
     fn layer_norm(&self, x: &Value, w: &Value, b: &Value, eps: f64) -> Result<Value> {
@@ -641,6 +719,7 @@ impl Ops for OnnxBuilder {
     }
 
     fn reduce_sum(&self, x: &Value, axis: isize, keepdim: bool) -> Result<Value> {
+        Self::numeric("reduce_sum", x)?;
         let a = norm_axis("reduce_sum", axis, x.rank())?;
         // Opset 13+: ReduceSum takes the axes as an input.
         let axes = self.const_i64(&[a as i64])?;
@@ -657,27 +736,54 @@ impl Ops for OnnxBuilder {
     fn reduce_mean(&self, x: &Value, axis: isize, keepdim: bool) -> Result<Value> {
         Self::float_only("reduce_mean", x)?;
         let a = norm_axis("reduce_mean", axis, x.rank())?;
-        let attrs = vec![attr_ints("axes", &[a as i64]), attr_i("keepdims", keepdim as i64)];
-        self.node1("ReduceMean", &[&x.name], attrs, x.dtype, Self::reduce_dims(x, a, keepdim))
+        let attrs = vec![
+            attr_ints("axes", &[a as i64]),
+            attr_i("keepdims", keepdim as i64),
+        ];
+        self.node1(
+            "ReduceMean",
+            &[&x.name],
+            attrs,
+            x.dtype,
+            Self::reduce_dims(x, a, keepdim),
+        )
     }
 
     fn reduce_max(&self, x: &Value, axis: isize, keepdim: bool) -> Result<Value> {
+        Self::numeric("reduce_max", x)?;
         let a = norm_axis("reduce_max", axis, x.rank())?;
-        let attrs = vec![attr_ints("axes", &[a as i64]), attr_i("keepdims", keepdim as i64)];
-        self.node1("ReduceMax", &[&x.name], attrs, x.dtype, Self::reduce_dims(x, a, keepdim))
+        let attrs = vec![
+            attr_ints("axes", &[a as i64]),
+            attr_i("keepdims", keepdim as i64),
+        ];
+        self.node1(
+            "ReduceMax",
+            &[&x.name],
+            attrs,
+            x.dtype,
+            Self::reduce_dims(x, a, keepdim),
+        )
     }
 
     fn argmax(&self, x: &Value, axis: isize, keepdim: bool) -> Result<Value> {
+        Self::numeric("argmax", x)?;
         let a = norm_axis("argmax", axis, x.rank())?;
         let attrs = vec![
             attr_i("axis", a as i64),
             attr_i("keepdims", keepdim as i64),
             attr_i("select_last_index", 0),
         ];
-        self.node1("ArgMax", &[&x.name], attrs, DType::I64, Self::reduce_dims(x, a, keepdim))
+        self.node1(
+            "ArgMax",
+            &[&x.name],
+            attrs,
+            DType::I64,
+            Self::reduce_dims(x, a, keepdim),
+        )
     }
 
     fn topk(&self, x: &Value, k: usize) -> Result<(Value, Value)> {
+        Self::numeric("topk", x)?;
         let last = x.dims.last().cloned();
         let ok = match &last {
             None => false,
@@ -693,7 +799,11 @@ impl Ops for OnnxBuilder {
         let kc = self.const_i64(&[k as i64])?;
         let mut dims = x.dims.clone();
         *dims.last_mut().expect("rank checked") = Dim::Known(k);
-        let attrs = vec![attr_i("axis", -1), attr_i("largest", 1), attr_i("sorted", 1)];
+        let attrs = vec![
+            attr_i("axis", -1),
+            attr_i("largest", 1),
+            attr_i("sorted", 1),
+        ];
         let mut outs = self.node(
             "TopK",
             &[&x.name, &kc.name],
@@ -711,7 +821,13 @@ impl Ops for OnnxBuilder {
         let mut dims = x.dims[..a].to_vec();
         dims.extend_from_slice(&indices.dims);
         dims.extend_from_slice(&x.dims[a + 1..]);
-        self.node1("Gather", &[&x.name, &indices.name], vec![attr_i("axis", a as i64)], x.dtype, dims)
+        self.node1(
+            "Gather",
+            &[&x.name, &indices.name],
+            vec![attr_i("axis", a as i64)],
+            x.dtype,
+            dims,
+        )
     }
 
     fn gather_elements(&self, x: &Value, indices: &Value, axis: isize) -> Result<Value> {
@@ -720,7 +836,11 @@ impl Ops for OnnxBuilder {
         if indices.rank() != x.rank() {
             return Err(Error::op(
                 "gather_elements",
-                format!("indices {} must have the rank of x {}", fmt_dims(&indices.dims), fmt_dims(&x.dims)),
+                format!(
+                    "indices {} must have the rank of x {}",
+                    fmt_dims(&indices.dims),
+                    fmt_dims(&x.dims)
+                ),
             ));
         }
         for (i, (dx, di)) in x.dims.iter().zip(&indices.dims).enumerate() {
@@ -728,7 +848,11 @@ impl Ops for OnnxBuilder {
                 if i != a && di > dx {
                     return Err(Error::op(
                         "gather_elements",
-                        format!("indices {} larger than x {} on axis {i}", fmt_dims(&indices.dims), fmt_dims(&x.dims)),
+                        format!(
+                            "indices {} larger than x {} on axis {i}",
+                            fmt_dims(&indices.dims),
+                            fmt_dims(&x.dims)
+                        ),
                     ));
                 }
             }
@@ -762,7 +886,13 @@ impl Ops for OnnxBuilder {
         }
         let dims = perm.iter().map(|&p| x.dims[p].clone()).collect();
         let p: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
-        self.node1("Transpose", &[&x.name], vec![attr_ints("perm", &p)], x.dtype, dims)
+        self.node1(
+            "Transpose",
+            &[&x.name],
+            vec![attr_ints("perm", &p)],
+            x.dtype,
+            dims,
+        )
     }
 
     fn concat(&self, xs: &[&Value], axis: isize) -> Result<Value> {
@@ -783,7 +913,11 @@ impl Ops for OnnxBuilder {
                     (Some(p), Some(q)) if p != q => {
                         return Err(Error::op(
                             "concat",
-                            format!("{} vs {} differ on axis {i}", fmt_dims(&first.dims), fmt_dims(&x.dims)),
+                            format!(
+                                "{} vs {} differ on axis {i}",
+                                fmt_dims(&first.dims),
+                                fmt_dims(&x.dims)
+                            ),
                         ))
                     }
                     (None, Some(q)) => *d = Dim::Known(q),
@@ -797,7 +931,13 @@ impl Ops for OnnxBuilder {
         }
         dims[a] = total.map_or(Dim::Unknown, Dim::Known);
         let names: Vec<&str> = xs.iter().map(|x| x.name.as_str()).collect();
-        self.node1("Concat", &names, vec![attr_i("axis", a as i64)], first.dtype, dims)
+        self.node1(
+            "Concat",
+            &names,
+            vec![attr_i("axis", a as i64)],
+            first.dtype,
+            dims,
+        )
     }
 
     fn narrow(&self, x: &Value, axis: isize, start: usize, len: usize) -> Result<Value> {
@@ -806,7 +946,11 @@ impl Ops for OnnxBuilder {
             if start + len > d {
                 return Err(Error::op(
                     "narrow",
-                    format!("{start}..{} out of range for axis {a} of {}", start + len, fmt_dims(&x.dims)),
+                    format!(
+                        "{start}..{} out of range for axis {a} of {}",
+                        start + len,
+                        fmt_dims(&x.dims)
+                    ),
                 ));
             }
         }

@@ -61,7 +61,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
 /// Readers see the old file or the complete new one, never a partial write.
-pub fn write_atomic(path: &Path, bytes: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    bytes: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -298,7 +301,11 @@ fn check_file_size(path: &Path, model: &pb::ModelProto, len: usize) -> Result<()
         path: path.to_path_buf(),
         msg,
     };
-    match model.metadata_props.iter().rfind(|e| e.key == FILE_BYTES_KEY) {
+    match model
+        .metadata_props
+        .iter()
+        .rfind(|e| e.key == FILE_BYTES_KEY)
+    {
         Some(e) => {
             let want: usize = e
                 .value
@@ -396,7 +403,10 @@ pub fn validate(path: &Path, model: &pb::ModelProto) -> Result<()> {
     }
     for o in &graph.output {
         if !defined.contains(o.name.as_str()) {
-            return Err(invalid(format!("graph output `{}` is never produced", o.name)));
+            return Err(invalid(format!(
+                "graph output `{}` is never produced",
+                o.name
+            )));
         }
     }
     Ok(())
@@ -409,21 +419,27 @@ fn check_external(model_path: &Path, t: &pb::TensorProto) -> std::result::Result
             .find(|e| e.key == k)
             .map(|e| e.value.as_str())
     };
-    let location = get("location")
-        .ok_or_else(|| format!("external tensor `{}` has no location", t.name))?;
+    let location =
+        get("location").ok_or_else(|| format!("external tensor `{}` has no location", t.name))?;
     let parse = |k: &str| -> std::result::Result<u64, String> {
         get(k)
-            .map(|v| v.parse::<u64>().map_err(|e| format!("tensor `{}` {k} `{v}`: {e}", t.name)))
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|e| format!("tensor `{}` {k} `{v}`: {e}", t.name))
+            })
             .transpose()
             .map(|v| v.unwrap_or(0))
     };
     let (offset, length) = (parse("offset")?, parse("length")?);
-    let data = model_path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(location);
+    let data = model_path.parent().unwrap_or(Path::new(".")).join(location);
     let size = std::fs::metadata(&data)
-        .map_err(|e| format!("external data file {} of tensor `{}`: {e}", data.display(), t.name))?
+        .map_err(|e| {
+            format!(
+                "external data file {} of tensor `{}`: {e}",
+                data.display(),
+                t.name
+            )
+        })?
         .len();
     if offset + length > size {
         return Err(format!(

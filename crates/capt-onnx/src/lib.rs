@@ -16,9 +16,9 @@ mod value;
 pub use builder::{BuildOptions, ModelMeta, OnnxBuilder, IR_VERSION, OPSET};
 pub use error::{Error, Result};
 pub use io::{
-    decode_model, external_data_path, read_model, validate, write_atomic, write_model, ExternalData,
-    WriteOptions, Written, EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, FILE_BYTES_KEY, PRODUCER,
-    PROTOBUF_LIMIT,
+    decode_model, external_data_path, read_model, validate, write_atomic, write_model,
+    ExternalData, WriteOptions, Written, EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, FILE_BYTES_KEY,
+    PRODUCER, PROTOBUF_LIMIT,
 };
 pub use tract_onnx::pb;
 pub use tract_run::run_tract;

@@ -23,7 +23,9 @@ fn from_tract(t: &Tensor) -> TractResult<HostTensor> {
         DatumType::F32 => HostData::F32(t.to_plain_array_view::<f32>()?.iter().copied().collect()),
         DatumType::F64 => HostData::F64(t.to_plain_array_view::<f64>()?.iter().copied().collect()),
         DatumType::I64 => HostData::I64(t.to_plain_array_view::<i64>()?.iter().copied().collect()),
-        DatumType::Bool => HostData::Bool(t.to_plain_array_view::<bool>()?.iter().copied().collect()),
+        DatumType::Bool => {
+            HostData::Bool(t.to_plain_array_view::<bool>()?.iter().copied().collect())
+        }
         other => {
             let c = t.cast_to::<f32>()?;
             let v = c.to_plain_array_view::<f32>()?.iter().copied().collect();

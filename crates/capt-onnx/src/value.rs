@@ -84,7 +84,10 @@ pub(crate) fn broadcast(op: &'static str, shapes: &[&[Dim]]) -> Result<Vec<Dim>>
         let off = rank - s.len();
         for (i, d) in s.iter().enumerate() {
             out[off + i] = broadcast_dim(&out[off + i], d).ok_or_else(|| {
-                Error::op(op, format!("shapes {} do not broadcast", fmt_shapes(shapes)))
+                Error::op(
+                    op,
+                    format!("shapes {} do not broadcast", fmt_shapes(shapes)),
+                )
             })?;
         }
     }
@@ -104,7 +107,11 @@ pub(crate) fn fmt_dims(d: &[Dim]) -> String {
 }
 
 fn fmt_shapes(shapes: &[&[Dim]]) -> String {
-    shapes.iter().map(|s| fmt_dims(s)).collect::<Vec<_>>().join(" and ")
+    shapes
+        .iter()
+        .map(|s| fmt_dims(s))
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// ONNX `Reshape` (allowzero = 0) on symbolic dims. `-1` resolves to a known size, to a
@@ -118,7 +125,10 @@ pub(crate) fn reshape_dims(op: &'static str, input: &[Dim], spec: &[i64]) -> Res
             0 => out.push(input.get(i).cloned().ok_or_else(|| {
                 Error::op(
                     op,
-                    format!("0 at position {i} but the input {} has no such dim", fmt_dims(input)),
+                    format!(
+                        "0 at position {i} but the input {} has no such dim",
+                        fmt_dims(input)
+                    ),
                 )
             })?),
             -1 if infer.is_none() => {
@@ -220,7 +230,10 @@ mod tests {
             reshape_dims("t", &x, &[0, 2, 2, 3]).unwrap(),
             vec![n(), Dim::Known(2), Dim::Known(2), Dim::Known(3)]
         );
-        assert_eq!(reshape_dims("t", &x, &[0, -1]).unwrap(), vec![n(), Dim::Known(12)]);
+        assert_eq!(
+            reshape_dims("t", &x, &[0, -1]).unwrap(),
+            vec![n(), Dim::Known(12)]
+        );
         assert_eq!(reshape_dims("t", &x, &[-1]).unwrap(), vec![Dim::Unknown]);
         assert!(reshape_dims("t", &x, &[0, 5]).is_err());
         assert!(reshape_dims("t", &x, &[0, -1, 5]).is_err());

@@ -17,8 +17,8 @@ use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::error::{Result, TrainError};
 use crate::evaluate::{
-    confusion, part_report, scorer_from_checkpoint, split_features, summarise, write_report, zero_shot_scorer,
-    Report, Scorer, SplitFeatures, REPORT_FORMAT,
+    confusion, part_report, scorer_from_checkpoint, split_features, summarise, write_report,
+    zero_shot_scorer, Report, Scorer, SplitFeatures, REPORT_FORMAT,
 };
 use crate::fit::{fit, load_dataset, FitArgs};
 use crate::model::resolve_template;
@@ -59,9 +59,12 @@ pub struct B2nCell {
 
 pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
     if args.datasets.is_empty() || args.seeds.is_empty() || args.methods.is_empty() {
-        return Err(TrainError::Config("b2n needs at least one dataset, seed and method".into()));
+        return Err(TrainError::Config(
+            "b2n needs at least one dataset, seed and method".into(),
+        ));
     }
-    std::fs::create_dir_all(&args.out).map_err(|e| TrainError::io("create output folder", &args.out, e))?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| TrainError::io("create output folder", &args.out, e))?;
     let backbone = Backbone::load(&args.backbone, args.dtype, &args.device)?;
     let feature_cache = args.out.join("feature-cache");
     let mut rows = Vec::new();
@@ -73,7 +76,11 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
             cfg.capt.method = method;
             cfg.validate()?;
             for &seed in &args.seeds {
-                let run_dir = args.out.join(kind.name()).join(method.name()).join(format!("seed{seed}"));
+                let run_dir = args
+                    .out
+                    .join(kind.name())
+                    .join(method.name())
+                    .join(format!("seed{seed}"));
                 let ckpt = if method.trains() {
                     let summary = fit(&FitArgs {
                         dataset: kind,
@@ -96,7 +103,8 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                     None
                 };
                 let eval_dir = run_dir.join("eval-test");
-                std::fs::create_dir_all(&eval_dir).map_err(|e| TrainError::io("create output folder", &eval_dir, e))?;
+                std::fs::create_dir_all(&eval_dir)
+                    .map_err(|e| TrainError::io("create output folder", &eval_dir, e))?;
                 let mut parts = Vec::new();
                 let mut name = String::new();
                 for part in [Subsample::Base, Subsample::New] {
@@ -118,7 +126,10 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                         split_features(&scorer.model, &ds, Split::Test)?
                     } else {
                         if !memo.contains_key(&key) {
-                            memo.insert(key.clone(), split_features(&scorer.model, &ds, Split::Test)?);
+                            memo.insert(
+                                key.clone(),
+                                split_features(&scorer.model, &ds, Split::Test)?,
+                            );
                         }
                         memo[&key].clone()
                     };
@@ -171,7 +182,9 @@ pub fn cells(rows: &[B2nRow]) -> (Vec<String>, BTreeMap<(String, String), B2nCel
         if !datasets.contains(&r.dataset) {
             datasets.push(r.dataset.clone());
         }
-        let e = acc.entry((r.dataset.clone(), r.method.clone())).or_insert((0.0, 0.0, 0));
+        let e = acc
+            .entry((r.dataset.clone(), r.method.clone()))
+            .or_insert((0.0, 0.0, 0));
         e.0 += r.base;
         e.1 += r.novel;
         e.2 += 1;
@@ -195,7 +208,11 @@ pub fn cells(rows: &[B2nRow]) -> (Vec<String>, BTreeMap<(String, String), B2nCel
 }
 
 /// Average over datasets: mean Base, mean Novel, and the HM of those means.
-pub fn average(cells: &BTreeMap<(String, String), B2nCell>, datasets: &[String], method: &str) -> Option<B2nCell> {
+pub fn average(
+    cells: &BTreeMap<(String, String), B2nCell>,
+    datasets: &[String],
+    method: &str,
+) -> Option<B2nCell> {
     let mine: Vec<&B2nCell> = datasets
         .iter()
         .filter_map(|d| cells.get(&(d.clone(), method.to_string())))
@@ -223,29 +240,46 @@ pub fn render(rows: &[B2nRow], methods: &[Method]) -> (String, String) {
         let mut s = format!("\n## {title}\n\n| method | Base | Novel | HM |\n|---|---|---|---|\n");
         for m in &names {
             if let Some(c) = get(m) {
-                s.push_str(&format!("| {m} | {:.2} | {:.2} | {:.2} |\n", c.base, c.novel, c.hm));
+                s.push_str(&format!(
+                    "| {m} | {:.2} | {:.2} | {:.2} |\n",
+                    c.base, c.novel, c.hm
+                ));
             }
         }
         s
     };
-    md.push_str(&table(&format!("Average over {} dataset(s)", datasets.len()), &|m| average(&cells, &datasets, m)));
+    md.push_str(&table(
+        &format!("Average over {} dataset(s)", datasets.len()),
+        &|m| average(&cells, &datasets, m),
+    ));
     for d in &datasets {
-        md.push_str(&table(d, &|m| cells.get(&(d.clone(), m.to_string())).cloned()));
+        md.push_str(&table(d, &|m| {
+            cells.get(&(d.clone(), m.to_string())).cloned()
+        }));
     }
     let mut csv = String::from("dataset,method,seed,base,novel,hm\n");
     for r in rows {
-        csv.push_str(&format!("{},{},{},{:.4},{:.4},{:.4}\n", r.dataset, r.method, r.seed, r.base, r.novel, r.hm));
+        csv.push_str(&format!(
+            "{},{},{},{:.4},{:.4},{:.4}\n",
+            r.dataset, r.method, r.seed, r.base, r.novel, r.hm
+        ));
     }
     for d in &datasets {
         for m in &names {
             if let Some(c) = cells.get(&(d.clone(), m.to_string())) {
-                csv.push_str(&format!("{d},{m},mean,{:.4},{:.4},{:.4}\n", c.base, c.novel, c.hm));
+                csv.push_str(&format!(
+                    "{d},{m},mean,{:.4},{:.4},{:.4}\n",
+                    c.base, c.novel, c.hm
+                ));
             }
         }
     }
     for m in &names {
         if let Some(c) = average(&cells, &datasets, m) {
-            csv.push_str(&format!("average,{m},mean,{:.4},{:.4},{:.4}\n", c.base, c.novel, c.hm));
+            csv.push_str(&format!(
+                "average,{m},mean,{:.4},{:.4},{:.4}\n",
+                c.base, c.novel, c.hm
+            ));
         }
     }
     (md, csv)

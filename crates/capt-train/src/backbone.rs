@@ -176,14 +176,26 @@ impl Backbone {
     /// biases 0, embeddings N(0, 0.02), class embedding N(0, 1/W), other weights
     /// N(0, 1/fan_in), `logit_scale` = `cfg.logit_scale_init`. `with_vision = false` builds
     /// the text tower only (benchmarks).
-    pub fn random(cfg: &ClipConfig, seed: u64, with_vision: bool, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn random(
+        cfg: &ClipConfig,
+        seed: u64,
+        with_vision: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let mut hasher = Sha256::new();
         hasher.update(b"capt-random-clip-v1\n");
-        hasher.update(serde_json::to_string(cfg).expect("config serialises").as_bytes());
+        hasher.update(
+            serde_json::to_string(cfg)
+                .expect("config serialises")
+                .as_bytes(),
+        );
         hasher.update(seed.to_le_bytes());
         let mut tensors = HashMap::new();
         for (name, shape) in expected_tensors(cfg) {
-            if !with_vision && (name.starts_with("vision_model.") || name == "visual_projection.weight") {
+            if !with_vision
+                && (name.starts_with("vision_model.") || name == "visual_projection.weight")
+            {
                 continue;
             }
             let data = random_tensor(&name, &shape, cfg, seed);
@@ -287,14 +299,10 @@ impl Backbone {
         let l = (longest + 1 + room).min(ctx);
         let mut ids = Vec::with_capacity(lists.len() * l);
         for (row, &e) in lists.iter().zip(&eot) {
-            for i in 0..l {
-                let t = match i.cmp(&e) {
-                    std::cmp::Ordering::Less => row[i],
-                    std::cmp::Ordering::Equal => self.tokenizer.eot(),
-                    std::cmp::Ordering::Greater => 0,
-                };
-                ids.push(if i > e { 0 } else { self.tokens.map(t) });
-            }
+            // Tokens before EOT, EOT (kept when the row was cut), then padding.
+            ids.extend(row[..e].iter().map(|&t| self.tokens.map(t)));
+            ids.push(self.tokens.map(self.tokenizer.eot()));
+            ids.extend(std::iter::repeat_n(0, l - e - 1));
         }
         Ok(TokenRows {
             ids: Tensor::from_vec(ids, (lists.len(), l), &self.device)?,
@@ -325,7 +333,8 @@ pub fn work_dtype(weights: DType) -> DType {
 
 fn random_tensor(name: &str, shape: &[usize], cfg: &ClipConfig, seed: u64) -> Vec<f32> {
     let n: usize = shape.iter().product();
-    let is_norm = name.contains("layer_norm") || name.contains("layrnorm") || name.contains("layernorm");
+    let is_norm =
+        name.contains("layer_norm") || name.contains("layrnorm") || name.contains("layernorm");
     if name == "logit_scale" {
         return vec![cfg.logit_scale_init as f32];
     }
@@ -345,7 +354,11 @@ fn random_tensor(name: &str, shape: &[usize], cfg: &ClipConfig, seed: u64) -> Ve
         let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
         (fan_in as f64).powf(-0.5)
     };
-    rng::normal(&mut rng::rng(seed, rng::stream::BACKBONE, rng::name_id(name)), n, std)
+    rng::normal(
+        &mut rng::rng(seed, rng::stream::BACKBONE, rng::name_id(name)),
+        n,
+        std,
+    )
 }
 
 /// The frozen vision tower as capt-data's [`FrozenImageEncoder`]: global features and local
@@ -411,7 +424,12 @@ impl ImageEncoder {
         let mut start = 0;
         while start < n {
             let len = self.chunk.min(n - start);
-            let (g, l) = Self::forward(&self.vision, &self.pool, &pixels.narrow(0, start, len)?, None)?;
+            let (g, l) = Self::forward(
+                &self.vision,
+                &self.pool,
+                &pixels.narrow(0, start, len)?,
+                None,
+            )?;
             gs.push(g);
             ls.push(l);
             start += len;
@@ -434,7 +452,10 @@ impl FrozenImageEncoder for ImageEncoder {
         self.id.clone()
     }
 
-    fn encode(&self, batch: &ImageBatch) -> std::result::Result<EncodedViews, Box<dyn std::error::Error + Send + Sync>> {
+    fn encode(
+        &self,
+        batch: &ImageBatch,
+    ) -> std::result::Result<EncodedViews, Box<dyn std::error::Error + Send + Sync>> {
         let pixels = batch_tensor(batch, self.pool.device())?;
         let (g, l) = self.encode_pixels(&pixels)?;
         let (n, dim) = g.dims2()?;
@@ -458,7 +479,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| TrainError::Config(format!("--device {s:?}: expected cpu, cuda or cuda:N")))?,
+            .ok_or_else(|| {
+                TrainError::Config(format!("--device {s:?}: expected cpu, cuda or cuda:N"))
+            })?,
         None => {
             return Err(TrainError::Config(format!(
                 "--device {s:?}: expected cpu, cuda or cuda:N"

@@ -55,14 +55,27 @@ fn bench_config(size: &str) -> Result<ClipConfig> {
     match size {
         "b16" => Ok(ClipConfig::vit_b16()),
         "tiny" => Ok(ClipConfig::tiny()),
-        other => Err(TrainError::Config(format!("--size {other:?}: expected b16 or tiny"))),
+        other => Err(TrainError::Config(format!(
+            "--size {other:?}: expected b16 or tiny"
+        ))),
     }
 }
 
 /// Class names like real ones: one to three word pieces.
 fn class_names(n: usize) -> Vec<String> {
     const WORDS: [&str; 12] = [
-        "striped", "golden", "retriever", "maple", "leaf", "sports", "car", "banded", "tabby", "cat", "red", "fox",
+        "striped",
+        "golden",
+        "retriever",
+        "maple",
+        "leaf",
+        "sports",
+        "car",
+        "banded",
+        "tabby",
+        "cat",
+        "red",
+        "fox",
     ];
     (0..n)
         .map(|i| {
@@ -74,7 +87,13 @@ fn class_names(n: usize) -> Vec<String> {
 }
 
 /// Measures one configuration in this process.
-pub fn measure(size: &str, cfg: &RunConfig, method: Method, classes: usize, steps: usize) -> Result<BenchResult> {
+pub fn measure(
+    size: &str,
+    cfg: &RunConfig,
+    method: Method,
+    classes: usize,
+    steps: usize,
+) -> Result<BenchResult> {
     let clip = bench_config(size)?;
     let dev = Device::Cpu;
     let backbone = Backbone::random(&clip, 1, false, DType::F32, &dev)?;
@@ -163,12 +182,20 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         println!("{}", serde_json::to_string(&r).expect("result serialises"));
         return Ok(vec![r]);
     }
-    let exe = std::env::current_exe().map_err(|e| TrainError::Config(format!("cannot find this executable: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| TrainError::Config(format!("cannot find this executable: {e}")))?;
     let mut results = Vec::new();
     for &c in &args.classes {
         for method in [Method::Coop, Method::Capt] {
             let out = Command::new(&exe)
-                .args(["bench", "train-step", "--size", &args.size, "--steps", &args.steps.to_string()])
+                .args([
+                    "bench",
+                    "train-step",
+                    "--size",
+                    &args.size,
+                    "--steps",
+                    &args.steps.to_string(),
+                ])
                 .args(["--only", method.name(), "--classes", &c.to_string()])
                 .args(&args.forward)
                 .output()
@@ -190,7 +217,8 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
                 r.ms_per_step,
                 r.ms_median,
                 r.peak_rss_mb,
-                r.table_ms.map_or(String::new(), |t| format!(", pair tables {t:.0} ms/epoch"))
+                r.table_ms
+                    .map_or(String::new(), |t| format!(", pair tables {t:.0} ms/epoch"))
             );
             results.push(r);
         }
@@ -214,7 +242,13 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     if let Some(py) = &args.torch_python {
         for &c in &args.classes {
             let out = Command::new(py)
-                .args([&args.torch_script, "--classes", &c.to_string(), "--steps", &args.steps.to_string()])
+                .args([
+                    &args.torch_script,
+                    "--classes",
+                    &c.to_string(),
+                    "--steps",
+                    &args.steps.to_string(),
+                ])
                 .args(["--size", &args.size])
                 .output()
                 .map_err(|e| TrainError::Config(format!("cannot run {py}: {e}")))?;
@@ -227,8 +261,12 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
             }
             let text = String::from_utf8_lossy(&out.stdout);
             let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
-                .map_err(|e| TrainError::Config(format!("{} printed {text:?}: {e}", args.torch_script)))?;
-            let coop = results.iter().find(|r| r.classes == c && r.method == "coop");
+                .map_err(|e| {
+                    TrainError::Config(format!("{} printed {text:?}: {e}", args.torch_script))
+                })?;
+            let coop = results
+                .iter()
+                .find(|r| r.classes == c && r.method == "coop");
             for key in ["ms_per_step_77", "ms_per_step_truncated"] {
                 if let (Some(t), Some(coop)) = (v[key].as_f64(), coop) {
                     println!(

@@ -75,17 +75,20 @@ pub fn write_dir(out: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> Result<Pa
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io("remove stale", &tmp, e))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io("create checkpoint folder", &tmp, e))?;
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| TrainError::io("create checkpoint folder", &tmp, e))?;
         for (file, bytes) in files {
             let p = tmp.join(file);
             let mut f = std::fs::File::create(&p).map_err(|e| TrainError::io("create", &p, e))?;
-            f.write_all(bytes).map_err(|e| TrainError::io("write", &p, e))?;
+            f.write_all(bytes)
+                .map_err(|e| TrainError::io("write", &p, e))?;
             f.sync_all().map_err(|e| TrainError::io("sync", &p, e))?;
         }
         if dst.exists() {
             std::fs::remove_dir_all(&dst).map_err(|e| TrainError::io("replace", &dst, e))?;
         }
-        std::fs::rename(&tmp, &dst).map_err(|e| TrainError::io("move checkpoint into place at", &dst, e))
+        std::fs::rename(&tmp, &dst)
+            .map_err(|e| TrainError::io("move checkpoint into place at", &dst, e))
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -96,7 +99,8 @@ pub fn write_dir(out: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> Result<Pa
 /// Points `out/LATEST` at `name` (atomic replace).
 pub fn set_latest(out: &Path, name: &str) -> Result<()> {
     let p = out.join(LATEST);
-    capt_method::metrics::write_atomic(&p, format!("{name}\n").as_bytes()).map_err(|e| TrainError::io("write", &p, e))
+    capt_method::metrics::write_atomic(&p, format!("{name}\n").as_bytes())
+        .map_err(|e| TrainError::io("write", &p, e))
 }
 
 /// Removes epoch folders other than `keep`, and temporary folders of crashed writes.
@@ -110,7 +114,8 @@ pub fn prune(out: &Path, keep: &str) -> Result<()> {
         let stale_epoch = name.starts_with("epoch-") && !name.contains(".tmp-") && name != keep;
         let tmp = name.contains(".tmp-") && (name.starts_with("epoch-") || name.starts_with(FINAL));
         if (stale_epoch || tmp) && e.path().is_dir() {
-            std::fs::remove_dir_all(e.path()).map_err(|err| TrainError::io("remove old checkpoint", &e.path(), err))?;
+            std::fs::remove_dir_all(e.path())
+                .map_err(|err| TrainError::io("remove old checkpoint", &e.path(), err))?;
         }
     }
     Ok(())
@@ -146,8 +151,9 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 pub fn read_state(dir: &Path) -> Result<State> {
     let p = dir.join(STATE);
     let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io("read", &p, e))?;
-    let state: State = serde_json::from_str(&text)
-        .map_err(|e| TrainError::checkpoint(dir, format!("{STATE} is not a capt-train state: {e}")))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| {
+        TrainError::checkpoint(dir, format!("{STATE} is not a capt-train state: {e}"))
+    })?;
     if state.format_version != FORMAT_VERSION {
         return Err(TrainError::checkpoint(
             dir,
@@ -173,7 +179,12 @@ mod tests {
     fn write_is_atomic_and_latest_resolves() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
-        write_dir(out, "epoch-001", &[("a.txt", b"one".to_vec()), (STATE, b"{}".to_vec())]).unwrap();
+        write_dir(
+            out,
+            "epoch-001",
+            &[("a.txt", b"one".to_vec()), (STATE, b"{}".to_vec())],
+        )
+        .unwrap();
         set_latest(out, "epoch-001").unwrap();
         assert_eq!(resolve(out).unwrap(), out.join("epoch-001"));
         write_dir(out, "epoch-002", &[(STATE, b"{}".to_vec())]).unwrap();
@@ -183,7 +194,12 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(!names.iter().any(|n| n == "epoch-001" || n.contains(".tmp-")), "{names:?}");
+        assert!(
+            !names
+                .iter()
+                .any(|n| n == "epoch-001" || n.contains(".tmp-")),
+            "{names:?}"
+        );
         // A failing write leaves nothing behind.
         let bad = out.join("not-a-dir");
         std::fs::write(&bad, b"x").unwrap();

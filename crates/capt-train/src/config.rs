@@ -40,25 +40,17 @@ impl Default for TrainerConfig {
 }
 
 /// Method config + trainer config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
     pub capt: CaptConfig,
     pub trainer: TrainerConfig,
 }
 
-impl Default for RunConfig {
-    fn default() -> Self {
-        Self {
-            capt: CaptConfig::default(),
-            trainer: TrainerConfig::default(),
-        }
-    }
-}
-
 impl RunConfig {
     /// Reads a TOML file: `CaptConfig` keys at the top level, `[trainer]` for the trainer.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read config file", path, e))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TrainError::io("read config file", path, e))?;
         Self::from_toml_str(&text).map_err(|e| match e {
             TrainError::MethodConfig(ConfigError::Parse { message, .. }) => {
                 TrainError::MethodConfig(ConfigError::Parse {
@@ -66,7 +58,9 @@ impl RunConfig {
                     message,
                 })
             }
-            TrainError::Config(m) => TrainError::Config(format!("config file {}: {m}", path.display())),
+            TrainError::Config(m) => {
+                TrainError::Config(format!("config file {}: {m}", path.display()))
+            }
             other => other,
         })
     }

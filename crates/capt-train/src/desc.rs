@@ -21,7 +21,12 @@ pub struct DescEmbeddings {
 }
 
 impl DescEmbeddings {
-    pub fn load(path: &Path, backbone: &Backbone, classnames: &[String], chunk: usize) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        backbone: &Backbone,
+        classnames: &[String],
+        chunk: usize,
+    ) -> Result<Self> {
         let d = Descriptions::load(path, classnames)?;
         let mean = |sentences: &[String]| -> Result<Tensor> {
             Ok(backbone.encode_texts(sentences, chunk)?.mean(0)?)
@@ -59,7 +64,12 @@ impl DescEmbeddings {
     }
 
     /// `emb [P, D]` plus each pair's description embedding (zero where it has none).
-    pub fn add_to_pairs(&self, emb: &Tensor, family: Family, pairs: &[(usize, usize)]) -> Result<Tensor> {
+    pub fn add_to_pairs(
+        &self,
+        emb: &Tensor,
+        family: Family,
+        pairs: &[(usize, usize)],
+    ) -> Result<Tensor> {
         let d = emb.dim(D::Minus1)?;
         let zero = Tensor::zeros(d, emb.dtype(), emb.device())?;
         let mut any = false;

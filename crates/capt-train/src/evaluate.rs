@@ -149,14 +149,20 @@ pub struct Scorer {
 
 impl Scorer {
     pub fn logits(&self, feats: &Feats) -> Result<Tensor> {
-        self.model.predict(feats, &self.class_emb, self.cache.as_ref())
+        self.model
+            .predict(feats, &self.class_emb, self.cache.as_ref())
     }
 }
 
 /// A scorer for `classnames` from a checkpoint: on the trained classes the checkpoint's tables
 /// are used as saved; on other classes (novel) class embeddings come from the learned
 /// context and the CAPT tables from the text prior with an empty bank.
-pub fn scorer_from_checkpoint(backbone: Backbone, dir: &Path, state: &State, classnames: &[String]) -> Result<Scorer> {
+pub fn scorer_from_checkpoint(
+    backbone: Backbone,
+    dir: &Path,
+    state: &State,
+    classnames: &[String],
+) -> Result<Scorer> {
     let cfg = RunConfig {
         capt: state.config.clone(),
         trainer: state.trainer.clone(),
@@ -168,12 +174,25 @@ pub fn scorer_from_checkpoint(backbone: Backbone, dir: &Path, state: &State, cla
             "has class-specific contexts, which exist only for its own classes; evaluate it on them (--subsample as trained)",
         ));
     }
-    let mut model = Model::new(backbone, &cfg, classnames, &state.template, state.local_tokens, state.seed)?;
+    let mut model = Model::new(
+        backbone,
+        &cfg,
+        classnames,
+        &state.template,
+        state.local_tokens,
+        state.seed,
+    )?;
     let lp = dir.join(checkpoint::LEARNED);
-    model.params.load_safetensors(&checkpoint::read_file(dir, checkpoint::LEARNED)?, &lp)?;
+    model
+        .params
+        .load_safetensors(&checkpoint::read_file(dir, checkpoint::LEARNED)?, &lp)?;
     if same {
         let tp = dir.join(checkpoint::TABLES);
-        let t = read_safetensors(&checkpoint::read_file(dir, checkpoint::TABLES)?, &tp, &model.backbone.device)?;
+        let t = read_safetensors(
+            &checkpoint::read_file(dir, checkpoint::TABLES)?,
+            &tp,
+            &model.backbone.device,
+        )?;
         let class_emb = t
             .get("class_emb")
             .cloned()
@@ -182,21 +201,39 @@ pub fn scorer_from_checkpoint(backbone: Backbone, dir: &Path, state: &State, cla
             Some(hc) => Some(TableCache::from_checkpoint(&t, hc)?),
             None => None,
         };
-        return Ok(Scorer { model, class_emb, cache });
+        return Ok(Scorer {
+            model,
+            class_emb,
+            cache,
+        });
     }
     let class_emb = model.class_embeddings(false)?;
     let cache = match &model.head {
         Some(_) => {
-            let bank = ConfusionBank::new(model.num_classes(), model.backbone.dim(), model.local_tokens, &cfg.capt.bank);
+            let bank = ConfusionBank::new(
+                model.num_classes(),
+                model.backbone.dim(),
+                model.local_tokens,
+                &cfg.capt.bank,
+            );
             Some(TableCache::build(&model, &bank)?)
         }
         None => None,
     };
-    Ok(Scorer { model, class_emb, cache })
+    Ok(Scorer {
+        model,
+        class_emb,
+        cache,
+    })
 }
 
 /// A zero-shot CLIP scorer.
-pub fn zero_shot_scorer(backbone: Backbone, cfg: &RunConfig, classnames: &[String], template: &str) -> Result<Scorer> {
+pub fn zero_shot_scorer(
+    backbone: Backbone,
+    cfg: &RunConfig,
+    classnames: &[String],
+    template: &str,
+) -> Result<Scorer> {
     let mut cfg = cfg.clone();
     cfg.capt.method = Method::ZeroShot;
     let grid = cfg.capt.bank.local_grid;
@@ -219,7 +256,10 @@ pub fn split_features(model: &Model, ds: &Dataset, split: Split) -> Result<Split
         Ok(())
     })?;
     if labels.is_empty() {
-        return Err(TrainError::Config(format!("{} has no {split} images for these classes", ds.name)));
+        return Err(TrainError::Config(format!(
+            "{} has no {split} images for these classes",
+            ds.name
+        )));
     }
     Ok(SplitFeatures {
         labels,
@@ -243,9 +283,14 @@ pub fn confusion(scorer: &Scorer, sf: &SplitFeatures) -> Result<ConfusionMatrix>
             global: sf.feats.global.narrow(0, s, len)?,
             local: sf.feats.local.narrow(0, s, len)?,
         };
-        for (p, &y) in argmax_rows(&scorer.logits(&feats)?)?.into_iter().zip(&sf.labels[s..s + len]) {
+        for (p, &y) in argmax_rows(&scorer.logits(&feats)?)?
+            .into_iter()
+            .zip(&sf.labels[s..s + len])
+        {
             if y >= c {
-                return Err(TrainError::Config(format!("label {y} outside the {c} evaluated classes")));
+                return Err(TrainError::Config(format!(
+                    "label {y} outside the {c} evaluated classes"
+                )));
             }
             m.add(y, p);
         }
@@ -265,7 +310,8 @@ pub fn part_report(
     let heatmap = format!("heatmap-{part}.png");
     let px = (512 / class_names.len().max(1)).clamp(2, 24) as u32;
     let hp = out.join(&heatmap);
-    m.write_heatmap_png(&hp, px).map_err(|e| TrainError::io("write", &hp, e))?;
+    m.write_heatmap_png(&hp, px)
+        .map_err(|e| TrainError::io("write", &hp, e))?;
     let top_confusions = m
         .top_confusions(10)
         .into_iter()
@@ -288,7 +334,13 @@ pub fn part_report(
     })
 }
 
-fn compare(path: &Path, rep: &Report, part: Subsample, names: &[String], after: &ConfusionMatrix) -> Result<BaselineComparison> {
+fn compare(
+    path: &Path,
+    rep: &Report,
+    part: Subsample,
+    names: &[String],
+    after: &ConfusionMatrix,
+) -> Result<BaselineComparison> {
     let bp = rep
         .parts
         .iter()
@@ -323,7 +375,8 @@ fn compare(path: &Path, rep: &Report, part: Subsample, names: &[String], after: 
 }
 
 pub fn read_report(path: &Path) -> Result<Report> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read baseline report", path, e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::io("read baseline report", path, e))?;
     let r: Report = serde_json::from_str(&text).map_err(|e| {
         TrainError::Config(format!(
             "{} is not a capt-train report.json: {e}",
@@ -354,10 +407,16 @@ pub fn summarise(report: &mut Report) {
 /// Writes `report.json` and `report.md` into `out`.
 pub fn write_report(out: &Path, report: &Report) -> Result<()> {
     let jp = out.join("report.json");
-    write_atomic(&jp, serde_json::to_string_pretty(report).expect("report serialises").as_bytes())
-        .map_err(|e| TrainError::io("write", &jp, e))?;
+    write_atomic(
+        &jp,
+        serde_json::to_string_pretty(report)
+            .expect("report serialises")
+            .as_bytes(),
+    )
+    .map_err(|e| TrainError::io("write", &jp, e))?;
     let mp = out.join("report.md");
-    write_atomic(&mp, render_markdown(report).as_bytes()).map_err(|e| TrainError::io("write", &mp, e))
+    write_atomic(&mp, render_markdown(report).as_bytes())
+        .map_err(|e| TrainError::io("write", &mp, e))
 }
 
 pub fn render_markdown(r: &Report) -> String {
@@ -365,13 +424,17 @@ pub fn render_markdown(r: &Report) -> String {
     if let Some(c) = &r.checkpoint {
         s.push_str(&format!("Checkpoint: `{c}`  \n"));
     }
-    s.push_str(&format!("Backbone: `{}` (sha256 `{}`)\n\n", r.backbone.path, &r.backbone.sha256));
+    s.push_str(&format!(
+        "Backbone: `{}` (sha256 `{}`)\n\n",
+        r.backbone.path, &r.backbone.sha256
+    ));
     s.push_str("| classes | images | top-1 (%) | macro-F1 (%) | confusable pairs | Correction Rate (%) |\n|---|---|---|---|---|---|\n");
     for p in &r.parts {
         let (pairs, cr) = match &p.baseline {
             Some(b) => (
                 b.pairs.to_string(),
-                b.correction_rate.map_or("n/a".into(), |v| format!("{v:.2}")),
+                b.correction_rate
+                    .map_or("n/a".into(), |v| format!("{v:.2}")),
             ),
             None => ("-".into(), "-".into()),
         };
@@ -388,7 +451,10 @@ pub fn render_markdown(r: &Report) -> String {
         s.push_str(&format!("\nBase {b:.2} / Novel {n:.2} / HM {h:.2}\n"));
     }
     for p in &r.parts {
-        s.push_str(&format!("\n## {} classes\n\nHeatmap: `{}`\n\n", p.part, p.heatmap));
+        s.push_str(&format!(
+            "\n## {} classes\n\nHeatmap: `{}`\n\n",
+            p.part, p.heatmap
+        ));
         if let Some(b) = &p.baseline {
             s.push_str(&format!(
                 "Against baseline `{}` ({}, top-1 {:.2}): {} confusable pairs, {} errors before, {} after.\n\n",
@@ -417,7 +483,11 @@ pub fn evaluate(args: &EvalArgs) -> Result<(Report, PathBuf)> {
     let spec = match (&args.backbone, &state) {
         (Some(s), _) => s.clone(),
         (None, Some(st)) => BackboneSpec::parse(&st.backbone.path),
-        (None, None) => return Err(TrainError::Config("zero-shot evaluation needs --backbone".into())),
+        (None, None) => {
+            return Err(TrainError::Config(
+                "zero-shot evaluation needs --backbone".into(),
+            ))
+        }
     };
     let backbone = Backbone::load(&spec, args.dtype, &args.device)?;
     if let (Some(st), Some(dir)) = (&state, &ckpt_dir) {
@@ -444,10 +514,19 @@ pub fn evaluate(args: &EvalArgs) -> Result<(Report, PathBuf)> {
     let mut parts = Vec::new();
     let mut dataset_name = String::new();
     for part in subsample.parts() {
-        let ds = load_dataset(args.dataset, &args.root, args.split_file.as_deref(), 0, 1, part)?;
+        let ds = load_dataset(
+            args.dataset,
+            &args.root,
+            args.split_file.as_deref(),
+            0,
+            1,
+            part,
+        )?;
         dataset_name = ds.name.clone();
         let scorer = match (&state, &ckpt_dir) {
-            (Some(st), Some(dir)) => scorer_from_checkpoint(backbone.clone(), dir, st, &ds.classnames)?,
+            (Some(st), Some(dir)) => {
+                scorer_from_checkpoint(backbone.clone(), dir, st, &ds.classnames)?
+            }
             _ => {
                 let template = resolve_template(&args.config.capt, ds.template());
                 zero_shot_scorer(backbone.clone(), &args.config, &ds.classnames, &template)?
@@ -465,7 +544,9 @@ pub fn evaluate(args: &EvalArgs) -> Result<(Report, PathBuf)> {
         format: REPORT_FORMAT.into(),
         dataset: dataset_name,
         split: args.split.to_string(),
-        method: state.as_ref().map_or("zero-shot".into(), |s| s.method.clone()),
+        method: state
+            .as_ref()
+            .map_or("zero-shot".into(), |s| s.method.clone()),
         checkpoint: ckpt_dir.as_ref().map(|d| d.display().to_string()),
         backbone: backbone.record.clone(),
         seed: state.as_ref().map(|s| s.seed),

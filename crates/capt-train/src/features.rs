@@ -10,8 +10,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use capt_data::{
-    DataLoader, Dataset, Datum, FeatureCache, FeatureCacheConfig, ImageFeatures, LoaderConfig, Split, Transform,
-    TrainAugment,
+    DataLoader, Dataset, Datum, FeatureCache, FeatureCacheConfig, ImageFeatures, LoaderConfig,
+    Split, TrainAugment, Transform,
 };
 use rand::Rng;
 
@@ -68,7 +68,11 @@ impl TrainImages {
             return Ok(TrainImages::Pixels { loader, labels });
         }
         let train_views = model.cfg.train_views();
-        let views = train_views.max(if model.head.is_some() { model.cfg.capt.bank.views } else { 1 });
+        let views = train_views.max(if model.head.is_some() {
+            model.cfg.capt.bank.views
+        } else {
+            1
+        });
         let encoder = ImageEncoder::new(&model.backbone, model.cfg.capt.bank.local_grid)?;
         let cache = FeatureCache::new(FeatureCacheConfig::new(cache_dir, views, aug_seed, aug))?;
         let started = std::time::Instant::now();
@@ -105,26 +109,45 @@ impl TrainImages {
 
     /// Features of training images `indices` in `epoch` (one view each); with vision prompts
     /// and `grad`, gradients reach the prompts.
-    pub fn batch(&self, model: &Model, indices: &[usize], epoch: usize, grad: bool) -> Result<Feats> {
+    pub fn batch(
+        &self,
+        model: &Model,
+        indices: &[usize],
+        epoch: usize,
+        grad: bool,
+    ) -> Result<Feats> {
         match self {
-            TrainImages::Cached { feats, train_views, .. } => {
+            TrainImages::Cached {
+                feats, train_views, ..
+            } => {
                 let mut r = rng::rng(model_seed(model), rng::stream::VIEWS, epoch as u64);
                 // One draw per image of the set (not per batch), so a view depends only on
                 // (seed, epoch, image).
-                let choice: Vec<usize> = (0..feats.len()).map(|_| r.random_range(0..*train_views)).collect();
+                let choice: Vec<usize> = (0..feats.len())
+                    .map(|_| r.random_range(0..*train_views))
+                    .collect();
                 let pick: Vec<(usize, usize)> = indices.iter().map(|&i| (i, choice[i])).collect();
                 gather(feats, &pick, &model.backbone.device, model.backbone.work)
             }
             TrainImages::Pixels { loader, .. } => {
                 let b = loader.load_batch(indices, epoch as u64)?;
-                encode_pixels(model, &batch_tensor(&b.images, &model.backbone.device)?, grad)
+                encode_pixels(
+                    model,
+                    &batch_tensor(&b.images, &model.backbone.device)?,
+                    grad,
+                )
             }
         }
     }
 
     /// Every training image in each of the bank's `A` views, in chunks of about `chunk`
     /// rows: `(labels, feats)` per chunk, images in order, views inner.
-    pub fn bank_views(&self, model: &Model, chunk: usize, mut f: impl FnMut(&[usize], &Feats) -> Result<()>) -> Result<()> {
+    pub fn bank_views(
+        &self,
+        model: &Model,
+        chunk: usize,
+        mut f: impl FnMut(&[usize], &Feats) -> Result<()>,
+    ) -> Result<()> {
         let a = model.cfg.capt.bank.views;
         let n = self.len();
         let per = (chunk / a).max(1);
@@ -134,24 +157,36 @@ impl TrainImages {
             let end = (start + per).min(n);
             let mut rows = Vec::new();
             let mut lab = Vec::new();
-            for i in start..end {
+            for (i, &y) in labels.iter().enumerate().take(end).skip(start) {
                 for v in 0..a {
                     rows.push((i, v));
-                    lab.push(labels[i]);
+                    lab.push(y);
                 }
             }
             let feats = match self {
-                TrainImages::Cached { feats, .. } => gather(feats, &rows, &model.backbone.device, model.backbone.work)?,
+                TrainImages::Cached { feats, .. } => {
+                    gather(feats, &rows, &model.backbone.device, model.backbone.work)?
+                }
                 TrainImages::Pixels { loader, .. } => {
                     let mut parts = Vec::new();
                     for v in 0..a {
                         let idx: Vec<usize> = (start..end).collect();
                         let b = loader.load_batch(&idx, BANK_VIEW_EPOCH + v as u64)?;
-                        parts.push(encode_pixels(model, &batch_tensor(&b.images, &model.backbone.device)?, false)?);
+                        parts.push(encode_pixels(
+                            model,
+                            &batch_tensor(&b.images, &model.backbone.device)?,
+                            false,
+                        )?);
                     }
                     // Reorder from view-major to image-major (images in order, views inner).
-                    let g = Tensor::stack(&parts.iter().map(|p| p.global.clone()).collect::<Vec<_>>(), 1)?;
-                    let l = Tensor::stack(&parts.iter().map(|p| p.local.clone()).collect::<Vec<_>>(), 1)?;
+                    let g = Tensor::stack(
+                        &parts.iter().map(|p| p.global.clone()).collect::<Vec<_>>(),
+                        1,
+                    )?;
+                    let l = Tensor::stack(
+                        &parts.iter().map(|p| p.local.clone()).collect::<Vec<_>>(),
+                        1,
+                    )?;
                     let (ni, nv, d) = g.dims3()?;
                     let (_, _, gt, _) = l.dims4()?;
                     Feats {
@@ -172,7 +207,12 @@ fn model_seed(model: &Model) -> u64 {
 }
 
 /// Rows `(image, view)` of cached features as tensors.
-fn gather(feats: &[ImageFeatures], pick: &[(usize, usize)], dev: &Device, work: DType) -> Result<Feats> {
+fn gather(
+    feats: &[ImageFeatures],
+    pick: &[(usize, usize)],
+    dev: &Device,
+    work: DType,
+) -> Result<Feats> {
     let first = &feats[pick.first().map(|p| p.0).unwrap_or(0)];
     let (d, g) = (first.dim, first.local_tokens);
     let mut gl = Vec::with_capacity(pick.len() * d);

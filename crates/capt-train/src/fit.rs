@@ -134,7 +134,10 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
         args.subsample,
     )?;
     if ds.train().is_empty() {
-        return Err(TrainError::Config(format!("{} has no training images for this protocol", ds.name)));
+        return Err(TrainError::Config(format!(
+            "{} has no training images for this protocol",
+            ds.name
+        )));
     }
     let backbone = Backbone::load(&args.backbone, args.dtype, &args.device)?;
 
@@ -157,12 +160,23 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
     };
     let template = resolve_template(c, ds.template());
     let grid = c.bank.local_grid;
-    let mut model = Model::new(backbone, cfg, &ds.classnames, &template, grid * grid, args.seed)?;
+    let mut model = Model::new(
+        backbone,
+        cfg,
+        &ds.classnames,
+        &template,
+        grid * grid,
+        args.seed,
+    )?;
     let mut sgd = Sgd::new(c.optim.momentum, c.optim.weight_decay, c.optim.grad_clip);
-    let mut bank = model
-        .head
-        .as_ref()
-        .map(|_| ConfusionBank::new(model.num_classes(), model.backbone.dim(), model.local_tokens, &c.bank));
+    let mut bank = model.head.as_ref().map(|_| {
+        ConfusionBank::new(
+            model.num_classes(),
+            model.backbone.dim(),
+            model.local_tokens,
+            &c.bank,
+        )
+    });
     let mut start_epoch = 0;
     let mut step = 0;
     let mut cache: Option<TableCache> = None;
@@ -187,7 +201,10 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
         .map_err(|e| TrainError::io("write", &cfg_path, e))?;
     truncate_log(out, start_epoch)?;
 
-    let cache_dir = args.feature_cache.clone().unwrap_or_else(|| out.join("feature-cache"));
+    let cache_dir = args
+        .feature_cache
+        .clone()
+        .unwrap_or_else(|| out.join("feature-cache"));
     let images = TrainImages::prepare(&model, &ds, &cache_dir, args.seed)?;
     tracing::info!(
         dataset = %ds.name,
@@ -212,10 +229,12 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
     let n = images.len();
     let batches = if n >= bs { n / bs } else { 1 };
     let mut last_dir: Option<PathBuf> = resume_from.clone();
-    let mut done_here = 0;
-    for epoch in start_epoch..epochs {
+    for (done_here, epoch) in (start_epoch..epochs).enumerate() {
         let lr = cfg.capt.lr_at_epoch(epoch);
-        let order = rng::permutation(&mut rng::rng(args.seed, rng::stream::ORDER, epoch as u64), n);
+        let order = rng::permutation(
+            &mut rng::rng(args.seed, rng::stream::ORDER, epoch as u64),
+            n,
+        );
         let bar = progress_bar(args.progress, batches, epoch, epochs);
         let started = Instant::now();
         let mut acc_n = 0usize;
@@ -232,7 +251,9 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
                 bar.abandon();
                 let kept = match &last_dir {
                     Some(d) => format!("The last good checkpoint {} is kept", d.display()),
-                    None => "No checkpoint was written (the first epoch did not finish)".to_string(),
+                    None => {
+                        "No checkpoint was written (the first epoch did not finish)".to_string()
+                    }
                 };
                 return Err(TrainError::NonFiniteLoss {
                     loss,
@@ -246,7 +267,11 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
             let st = sgd.step(&model.params, &grads, lr)?;
             step += 1;
             let preds = argmax_rows(&outp.logits)?;
-            acc_n += preds.iter().zip(&labels).filter(|(p, y)| **p == **y as usize).count();
+            acc_n += preds
+                .iter()
+                .zip(&labels)
+                .filter(|(p, y)| **p == **y as usize)
+                .count();
             seen += labels.len();
             for (s, v) in sums.iter_mut().zip([
                 loss,
@@ -334,8 +359,7 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
         );
         logs.push(log);
         last_dir = Some(dir);
-        done_here += 1;
-        if args.stop_after.is_some_and(|s| done_here >= s) && !finished {
+        if args.stop_after.is_some_and(|s| done_here + 1 >= s) && !finished {
             return Ok(FitSummary {
                 checkpoint: last_dir.expect("an epoch finished"),
                 epochs_done: epoch + 1,
@@ -346,7 +370,11 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
     }
     let final_dir = out.join(checkpoint::FINAL);
     Ok(FitSummary {
-        checkpoint: if final_dir.is_dir() { final_dir } else { last_dir.unwrap_or_else(|| out.clone()) },
+        checkpoint: if final_dir.is_dir() {
+            final_dir
+        } else {
+            last_dir.unwrap_or_else(|| out.clone())
+        },
         epochs_done: epochs,
         finished: true,
         logs,
@@ -375,10 +403,15 @@ pub fn refresh_bank(
     };
     images.bank_views(model, model.cfg.trainer.eval_batch, |labels, feats| {
         let logits = model.predict(feats, &class_emb, Some(cache))?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
         let g = feats.global.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let (n, gt, d) = feats.local.dims3()?;
-        let l = feats.local.reshape((n, gt * d))?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let l = feats
+            .local
+            .reshape((n, gt * d))?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         for (i, &y) in labels.iter().enumerate() {
             match bank.observe(y, &probs[i], &g[i], &l[i])? {
                 capt_method::Observation::Miss { .. } => st.misses += 1,
@@ -416,8 +449,14 @@ pub fn checkpoint_files(
         tables.extend(cache.checkpoint_tensors(hc)?);
     }
     let rng_state = vec![
-        ("rng.seed".to_string(), Tensor::new(&[state.seed as i64], dev)?),
-        ("rng.next_epoch".to_string(), Tensor::new(&[state.epoch as i64], dev)?),
+        (
+            "rng.seed".to_string(),
+            Tensor::new(&[state.seed as i64], dev)?,
+        ),
+        (
+            "rng.next_epoch".to_string(),
+            Tensor::new(&[state.epoch as i64], dev)?,
+        ),
     ];
     let mut files = vec![
         (checkpoint::LEARNED, model.params.to_safetensors()?),
@@ -431,7 +470,13 @@ pub fn checkpoint_files(
     Ok(files)
 }
 
-fn check_resumable(state: &State, model: &Model, args: &FitArgs, ds: &Dataset, dir: &Path) -> Result<()> {
+fn check_resumable(
+    state: &State,
+    model: &Model,
+    args: &FitArgs,
+    ds: &Dataset,
+    dir: &Path,
+) -> Result<()> {
     model.backbone.check_matches(&state.backbone, dir)?;
     let mismatch = |what: &str, was: String, now: String| {
         TrainError::checkpoint(
@@ -447,13 +492,30 @@ fn check_resumable(state: &State, model: &Model, args: &FitArgs, ds: &Dataset, d
         ));
     }
     if state.seed != args.seed {
-        return Err(mismatch("seed", state.seed.to_string(), args.seed.to_string()));
+        return Err(mismatch(
+            "seed",
+            state.seed.to_string(),
+            args.seed.to_string(),
+        ));
     }
-    if state.class_names != ds.classnames || state.dataset != ds.name || state.subsample != args.subsample.to_string() {
+    if state.class_names != ds.classnames
+        || state.dataset != ds.name
+        || state.subsample != args.subsample.to_string()
+    {
         return Err(mismatch(
             "dataset/classes",
-            format!("{} ({}, {} classes)", state.dataset, state.subsample, state.class_names.len()),
-            format!("{} ({}, {} classes)", ds.name, args.subsample, ds.classnames.len()),
+            format!(
+                "{} ({}, {} classes)",
+                state.dataset,
+                state.subsample,
+                state.class_names.len()
+            ),
+            format!(
+                "{} ({}, {} classes)",
+                ds.name,
+                args.subsample,
+                ds.classnames.len()
+            ),
         ));
     }
     Ok(())
@@ -466,15 +528,27 @@ fn restore(
     cache: &mut Option<TableCache>,
     dir: &Path,
 ) -> Result<()> {
-    model
-        .params
-        .load_safetensors(&checkpoint::read_file(dir, checkpoint::LEARNED)?, &dir.join(checkpoint::LEARNED))?;
-    sgd.load_safetensors(&checkpoint::read_file(dir, checkpoint::OPTIM)?, &dir.join(checkpoint::OPTIM), &model.params)?;
+    model.params.load_safetensors(
+        &checkpoint::read_file(dir, checkpoint::LEARNED)?,
+        &dir.join(checkpoint::LEARNED),
+    )?;
+    sgd.load_safetensors(
+        &checkpoint::read_file(dir, checkpoint::OPTIM)?,
+        &dir.join(checkpoint::OPTIM),
+        &model.params,
+    )?;
     if let (Some(b), Some(hc)) = (bank.as_mut(), model.head.as_ref()) {
         let p = dir.join(checkpoint::BANK);
-        *b = ConfusionBank::from_safetensors(&checkpoint::read_file(dir, checkpoint::BANK)?, &p.display().to_string())?;
+        *b = ConfusionBank::from_safetensors(
+            &checkpoint::read_file(dir, checkpoint::BANK)?,
+            &p.display().to_string(),
+        )?;
         let tp = dir.join(checkpoint::TABLES);
-        let t = crate::params::read_safetensors(&checkpoint::read_file(dir, checkpoint::TABLES)?, &tp, &model.backbone.device)?;
+        let t = crate::params::read_safetensors(
+            &checkpoint::read_file(dir, checkpoint::TABLES)?,
+            &tp,
+            &model.backbone.device,
+        )?;
         *cache = Some(TableCache::from_checkpoint(&t, hc)?);
     }
     Ok(())
@@ -485,9 +559,11 @@ fn progress_bar(show: bool, len: usize, epoch: usize, epochs: usize) -> Progress
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len as u64);
-    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-        .expect("valid template")
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
     bar
@@ -502,7 +578,8 @@ fn append_log(out: &Path, log: &EpochLog) -> Result<()> {
         .append(true)
         .open(&p)
         .map_err(|e| TrainError::io("open", &p, e))?;
-    writeln!(f, "{}", serde_json::to_string(log).expect("log serialises")).map_err(|e| TrainError::io("write", &p, e))
+    writeln!(f, "{}", serde_json::to_string(log).expect("log serialises"))
+        .map_err(|e| TrainError::io("write", &p, e))
 }
 
 /// Epoch logs of a run folder.
@@ -533,5 +610,6 @@ fn truncate_log(out: &Path, epoch: usize) -> Result<()> {
     if !text.is_empty() {
         text.push('\n');
     }
-    capt_method::metrics::write_atomic(&p, text.as_bytes()).map_err(|e| TrainError::io("write", &p, e))
+    capt_method::metrics::write_atomic(&p, text.as_bytes())
+        .map_err(|e| TrainError::io("write", &p, e))
 }

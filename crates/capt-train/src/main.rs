@@ -15,7 +15,11 @@ use clap::{Args, Parser, Subcommand};
 mod data_cmd;
 
 #[derive(Parser)]
-#[command(name = "capt-train", version, about = "Confusion-Aware Prompt Tuning for CLIP")]
+#[command(
+    name = "capt-train",
+    version,
+    about = "Confusion-Aware Prompt Tuning for CLIP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,7 +69,7 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> Result<RunConfig, TrainError> {
+    fn load(&self) -> anyhow::Result<RunConfig> {
         let mut cfg = match &self.config {
             Some(p) => RunConfig::from_toml_file(p)?,
             None => RunConfig::default(),
@@ -105,7 +109,10 @@ impl ConfigArgs {
                 v.push(val);
             }
         };
-        push("--config", self.config.as_ref().map(|p| p.display().to_string()));
+        push(
+            "--config",
+            self.config.as_ref().map(|p| p.display().to_string()),
+        );
         push("--batch-size", self.batch_size.map(|x| x.to_string()));
         push("--grad-pairs", self.grad_pairs.map(|x| x.to_string()));
         v
@@ -293,13 +300,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(args) => data_cmd::run(args),
-        Command::Fit(a) => run_fit(a).map_err(anyhow::Error::from),
-        Command::Eval(a) => run_eval(a).map_err(anyhow::Error::from),
-        Command::Zeroshot(a) => run_zeroshot(a).map_err(anyhow::Error::from),
-        Command::B2n(a) => run_b2n(a).map_err(anyhow::Error::from),
+        Command::Fit(a) => run_fit(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Zeroshot(a) => run_zeroshot(a),
+        Command::B2n(a) => run_b2n(a),
         Command::Bench(BenchCli {
             what: BenchWhat::TrainStep(a),
-        }) => run_bench(a).map_err(anyhow::Error::from),
+        }) => run_bench(a),
     };
     match result {
         Ok(code) => code,
@@ -310,14 +317,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_fit(a: FitCli) -> Result<ExitCode, TrainError> {
+fn run_fit(a: FitCli) -> anyhow::Result<ExitCode> {
     let config = a.cfg.load()?;
-    let seed = a.seed.unwrap_or_else(|| config.capt.data.seeds.first().copied().unwrap_or(1));
+    let seed = a
+        .seed
+        .unwrap_or_else(|| config.capt.data.seeds.first().copied().unwrap_or(1));
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from("runs")
             .join(a.dataset.name())
             .join(config.capt.method.name())
-            .join(format!("{}-shots{}-seed{seed}", a.subsample, config.capt.data.shots))
+            .join(format!(
+                "{}-shots{}-seed{seed}",
+                a.subsample, config.capt.data.shots
+            ))
     });
     let summary = fit::fit(&fit::FitArgs {
         dataset: a.dataset,
@@ -338,10 +350,17 @@ fn run_fit(a: FitCli) -> Result<ExitCode, TrainError> {
     let last = summary.logs.last();
     println!(
         "{} after {} epoch(s): checkpoint {}{}",
-        if summary.finished { "finished" } else { "stopped" },
+        if summary.finished {
+            "finished"
+        } else {
+            "stopped"
+        },
         summary.epochs_done,
         summary.checkpoint.display(),
-        last.map_or(String::new(), |l| format!(" (train loss {:.4}, acc {:.1}%)", l.loss, l.acc))
+        last.map_or(String::new(), |l| format!(
+            " (train loss {:.4}, acc {:.1}%)",
+            l.loss, l.acc
+        ))
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -355,11 +374,7 @@ fn print_report(r: &evaluate::Report, out: &std::path::Path) {
             .map_or(String::new(), |v| format!(", Correction Rate {v:.2}%"));
         println!(
             "{} {} classes: top-1 {:.2}%, macro-F1 {:.2}% on {} images{cr}",
-            r.method,
-            p.part,
-            p.top1,
-            p.macro_f1,
-            p.images
+            r.method, p.part, p.top1, p.macro_f1, p.images
         );
     }
     if let (Some(b), Some(n), Some(h)) = (r.base, r.novel, r.hm) {
@@ -368,7 +383,7 @@ fn print_report(r: &evaluate::Report, out: &std::path::Path) {
     println!("report: {}", out.join("report.json").display());
 }
 
-fn run_eval(a: EvalCli) -> Result<ExitCode, TrainError> {
+fn run_eval(a: EvalCli) -> anyhow::Result<ExitCode> {
     let (report, out) = evaluate::evaluate(&evaluate::EvalArgs {
         checkpoint: Some(a.checkpoint),
         dataset: a.dataset,
@@ -387,7 +402,7 @@ fn run_eval(a: EvalCli) -> Result<ExitCode, TrainError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_zeroshot(a: ZeroshotCli) -> Result<ExitCode, TrainError> {
+fn run_zeroshot(a: ZeroshotCli) -> anyhow::Result<ExitCode> {
     let config = match &a.config {
         Some(p) => RunConfig::from_toml_file(p)?,
         None => RunConfig::default(),
@@ -410,7 +425,7 @@ fn run_zeroshot(a: ZeroshotCli) -> Result<ExitCode, TrainError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_b2n(a: B2nCli) -> Result<ExitCode, TrainError> {
+fn run_b2n(a: B2nCli) -> anyhow::Result<ExitCode> {
     let config = a.cfg.load()?;
     b2n::run(&b2n::B2nArgs {
         datasets: a.datasets,
@@ -427,11 +442,15 @@ fn run_b2n(a: B2nCli) -> Result<ExitCode, TrainError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_bench(a: TrainStepCli) -> Result<ExitCode, TrainError> {
+fn run_bench(a: TrainStepCli) -> anyhow::Result<ExitCode> {
     let config = a.cfg.load()?;
     let only = match (a.only, a.classes.as_slice()) {
         (Some(m), [c]) => Some((m, *c)),
-        (Some(_), _) => return Err(TrainError::Config("--only needs exactly one --classes value".into())),
+        (Some(_), _) => {
+            return Err(
+                TrainError::Config("--only needs exactly one --classes value".into()).into(),
+            )
+        }
         (None, _) => None,
     };
     bench::run(&bench::BenchArgs {

@@ -114,7 +114,12 @@ impl Model {
         };
         let ops = CandleOps::new(&backbone.device, gdt)?.with_params(params.with_prefix("capt."));
         let descriptions = match (&c.sem.descriptions, c.method.uses_sem()) {
-            (Some(path), true) => Some(DescEmbeddings::load(path, &backbone, classnames, cfg.trainer.text_chunk)?),
+            (Some(path), true) => Some(DescEmbeddings::load(
+                path,
+                &backbone,
+                classnames,
+                cfg.trainer.text_chunk,
+            )?),
             _ => None,
         };
         Ok(Self {
@@ -164,7 +169,12 @@ impl Model {
         let ctx = self.params.get_grad(CTX, grad)?;
         let deep = prompts::deep_prompts(&self.params, self.cfg.capt.prompt.text_depth, grad)?;
         if grad {
-            return prompts::encode_with_context(&self.backbone, &ctx, &self.class_rows, deep.as_ref());
+            return prompts::encode_with_context(
+                &self.backbone,
+                &ctx,
+                &self.class_rows,
+                deep.as_ref(),
+            );
         }
         let c = self.num_classes();
         let chunk = self.cfg.trainer.text_chunk;
@@ -175,8 +185,17 @@ impl Model {
             let ids = self.class_rows.ids.narrow(0, s, len)?;
             let eot = self.class_rows.eot[s..s + len].to_vec();
             let rows = TokenRows { ids, eot };
-            let ctx_part = if ctx.rank() == 3 { ctx.narrow(0, s, len)? } else { ctx.clone() };
-            out.push(prompts::encode_with_context(&self.backbone, &ctx_part, &rows, deep.as_ref())?);
+            let ctx_part = if ctx.rank() == 3 {
+                ctx.narrow(0, s, len)?
+            } else {
+                ctx.clone()
+            };
+            out.push(prompts::encode_with_context(
+                &self.backbone,
+                &ctx_part,
+                &rows,
+                deep.as_ref(),
+            )?);
             s += len;
         }
         Ok(Tensor::cat(&out, 0)?)
@@ -200,9 +219,9 @@ impl Model {
     }
 
     fn head_cfg(&self) -> Result<&HeadConfig> {
-        self.head
-            .as_ref()
-            .ok_or_else(|| TrainError::Config(format!("method `{}` has no CAPT head", self.method())))
+        self.head.as_ref().ok_or_else(|| {
+            TrainError::Config(format!("method `{}` has no CAPT head", self.method()))
+        })
     }
 
     fn run_head(
@@ -223,11 +242,18 @@ impl Model {
 
     /// Logits without gradients for `feats` given the class embeddings and (CAPT) the table
     /// cache of the current state.
-    pub fn predict(&self, feats: &Feats, class_emb: &Tensor, cache: Option<&TableCache>) -> Result<Tensor> {
+    pub fn predict(
+        &self,
+        feats: &Feats,
+        class_emb: &Tensor,
+        cache: Option<&TableCache>,
+    ) -> Result<Tensor> {
         match &self.head {
             None => self.base_logits(&feats.global, class_emb),
             Some(hc) => {
-                let cache = cache.ok_or_else(|| TrainError::Config("CAPT prediction needs the pair tables".into()))?;
+                let cache = cache.ok_or_else(|| {
+                    TrainError::Config("CAPT prediction needs the pair tables".into())
+                })?;
                 let tables = cache.head_tables(hc)?;
                 Ok(self.run_head(feats, class_emb, &tables)?.logits)
             }
@@ -244,7 +270,8 @@ impl Model {
         let c = &self.cfg.capt;
         let class_emb = self.class_embeddings(true)?;
         let kg = self.kg_loss(&class_emb)?;
-        let scalar = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
+        let scalar =
+            |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
         match &self.head {
             None => {
                 let z = self.base_logits(&feats.global, &class_emb)?;
@@ -261,19 +288,26 @@ impl Model {
                 })
             }
             Some(hc) => {
-                let cache = cache.ok_or_else(|| TrainError::Config("CAPT training needs the pair tables".into()))?;
+                let cache = cache.ok_or_else(|| {
+                    TrainError::Config("CAPT training needs the pair tables".into())
+                })?;
                 // Pick the pairs exactly as the head will (same ops on the same values), so
                 // only those are re-encoded with gradient.
                 let z_sel = self.base_logits(&feats.global.detach(), &class_emb.detach())?;
                 let cached = cache.head_tables(hc)?;
                 let sel = capt_method::head::select_pairs(&self.ops, hc, &z_sel, &cached)?;
-                let step = StepPairs::from_selection(&sel.class, &sel.partners, self.cfg.trainer.grad_pairs)?;
+                let step = StepPairs::from_selection(
+                    &sel.class,
+                    &sel.partners,
+                    self.cfg.trainer.grad_pairs,
+                )?;
                 let tables = cache.spliced_tables(self, hc, &step)?;
                 let out = self.run_head(feats, &class_emb, &tables)?;
                 let ce = candle_nn::loss::cross_entropy(&out.logits, labels)?;
                 let ce_base = candle_nn::loss::cross_entropy(&out.base_logits, labels)?;
                 let lb = head::load_balance_loss(&self.ops, &out.gates)?;
-                let loss = (((&ce + &ce_base)? + (&kg * c.prompt.lambda_kg)?)? + (&lb * c.mgde.lambda_lb)?)?;
+                let loss = (((&ce + &ce_base)? + (&kg * c.prompt.lambda_kg)?)?
+                    + (&lb * c.mgde.lambda_lb)?)?;
                 Ok(TrainOutput {
                     ce: scalar(&ce)?,
                     ce_base: scalar(&ce_base)?,

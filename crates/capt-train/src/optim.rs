@@ -50,7 +50,11 @@ impl Sgd {
         }
         let mut sq = 0f64;
         for (_, _, g) in &with_grad {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
         let grad_norm = sq.sqrt();
         let scale = match self.grad_clip {
@@ -114,12 +118,19 @@ impl Sgd {
             match name.strip_prefix("momentum.") {
                 Some(p) => {
                     let var = params.var(p).map_err(|_| {
-                        TrainError::checkpoint(source, format!("momentum buffer for unknown tensor `{p}`"))
+                        TrainError::checkpoint(
+                            source,
+                            format!("momentum buffer for unknown tensor `{p}`"),
+                        )
                     })?;
                     if var.dims() != t.dims() {
                         return Err(TrainError::checkpoint(
                             source,
-                            format!("momentum of `{p}` has shape {:?}, expected {:?}", t.dims(), var.dims()),
+                            format!(
+                                "momentum of `{p}` has shape {:?}, expected {:?}",
+                                t.dims(),
+                                var.dims()
+                            ),
                         ));
                     }
                     self.buffers.insert(p.to_string(), t);
@@ -142,7 +153,8 @@ mod tests {
     #[test]
     fn matches_torch_sgd_by_hand() {
         let mut ps = ParamStore::new(DType::F32);
-        ps.from_data("w", &[2], vec![1.0, -2.0], &Device::Cpu).unwrap();
+        ps.from_data("w", &[2], vec![1.0, -2.0], &Device::Cpu)
+            .unwrap();
         let mut opt = Sgd::new(0.9, 0.1, None);
         let mut p = [1.0f64, -2.0];
         let mut v = [0.0f64; 2];
@@ -158,7 +170,10 @@ mod tests {
             }
             let got = ps.get("w").unwrap().to_vec1::<f32>().unwrap();
             for i in 0..2 {
-                assert!((got[i] as f64 - p[i]).abs() < 1e-5, "step {step}: {got:?} vs {p:?}");
+                assert!(
+                    (got[i] as f64 - p[i]).abs() < 1e-5,
+                    "step {step}: {got:?} vs {p:?}"
+                );
             }
         }
     }
@@ -169,7 +184,9 @@ mod tests {
         ps.from_data("a", &[1], vec![3.0], &Device::Cpu).unwrap();
         ps.from_data("b", &[1], vec![4.0], &Device::Cpu).unwrap();
         // loss = a*1 + b*1 after scaling the values: grads 3 and 4 via loss = (a^2 + b^2) / 2.
-        let loss = ((ps.get("a").unwrap().sqr().unwrap() + ps.get("b").unwrap().sqr().unwrap()).unwrap() * 0.5)
+        let loss = ((ps.get("a").unwrap().sqr().unwrap() + ps.get("b").unwrap().sqr().unwrap())
+            .unwrap()
+            * 0.5)
             .unwrap()
             .sum_all()
             .unwrap();
@@ -180,6 +197,9 @@ mod tests {
         // clipped gradient = (3, 4) / 5 (up to the 1e-6 guard)
         let a = ps.get("a").unwrap().to_vec1::<f32>().unwrap()[0];
         let b = ps.get("b").unwrap().to_vec1::<f32>().unwrap()[0];
-        assert!((a - (3.0 - 0.6)).abs() < 1e-5 && (b - (4.0 - 0.8)).abs() < 1e-5, "{a} {b}");
+        assert!(
+            (a - (3.0 - 0.6)).abs() < 1e-5 && (b - (4.0 - 0.8)).abs() < 1e-5,
+            "{a} {b}"
+        );
     }
 }

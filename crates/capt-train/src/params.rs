@@ -36,7 +36,13 @@ impl ParamStore {
         Ok(())
     }
 
-    pub fn from_data(&mut self, name: &str, shape: &[usize], data: Vec<f32>, device: &Device) -> Result<()> {
+    pub fn from_data(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: Vec<f32>,
+        device: &Device,
+    ) -> Result<()> {
         let t = Tensor::from_vec(data, shape, device)?;
         self.insert(name, &t)
     }
@@ -46,9 +52,11 @@ impl ParamStore {
     }
 
     pub fn var(&self, name: &str) -> Result<&Var> {
-        self.vars
-            .get(name)
-            .ok_or_else(|| TrainError::Config(format!("learned tensor `{name}` does not exist in this run")))
+        self.vars.get(name).ok_or_else(|| {
+            TrainError::Config(format!(
+                "learned tensor `{name}` does not exist in this run"
+            ))
+        })
     }
 
     /// The tensor (tracked: gradients reach the variable).
@@ -113,7 +121,11 @@ impl ParamStore {
             if t.dims() != var.dims() {
                 return Err(TrainError::checkpoint(
                     source,
-                    format!("`{name}` has shape {:?}, this run expects {:?}", t.dims(), var.dims()),
+                    format!(
+                        "`{name}` has shape {:?}, this run expects {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
                 ));
             }
             var.set(&t.to_dtype(self.dtype)?)?;
@@ -137,7 +149,10 @@ impl ParamStore {
 }
 
 /// Serialises F32/I64 tensors (sorted by name) with optional metadata.
-pub fn tensors_to_safetensors(tensors: &[(String, Tensor)], meta: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn tensors_to_safetensors(
+    tensors: &[(String, Tensor)],
+    meta: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?;
@@ -170,11 +185,16 @@ pub fn tensors_to_safetensors(tensors: &[(String, Tensor)], meta: Option<HashMap
             (n.clone(), v)
         })
         .collect();
-    safetensors::serialize(views, meta).map_err(|e| TrainError::Config(format!("cannot serialise tensors: {e}")))
+    safetensors::serialize(views, meta)
+        .map_err(|e| TrainError::Config(format!("cannot serialise tensors: {e}")))
 }
 
 /// Reads F32 / I64 tensors of a safetensors file into candle tensors on `device`.
-pub fn read_safetensors(bytes: &[u8], source: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+pub fn read_safetensors(
+    bytes: &[u8],
+    source: &Path,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| TrainError::checkpoint(source, format!("not a safetensors file: {e}")))?;
     let mut out = BTreeMap::new();

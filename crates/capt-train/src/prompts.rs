@@ -2,7 +2,7 @@
 //! prompts), the zero-shot template embeddings, and the SEM pair prompts
 //! `[SOS] COM_1..m {a} and {b}. [EOS]` / `[SOS] DIF_1..m {a}, not {b}. [EOS]`.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use capt_clip::DeepTextPrompts;
 use capt_data::prompt_classname;
 
@@ -72,7 +72,11 @@ pub fn init_context(
             Ok(emb)
         }
         None => {
-            let data = rng::normal(&mut rng::rng(seed, rng::stream::INIT, rng::name_id(name)), n * w, 0.02);
+            let data = rng::normal(
+                &mut rng::rng(seed, rng::stream::INIT, rng::name_id(name)),
+                n * w,
+                0.02,
+            );
             Ok(Tensor::from_vec(data, (n, w), &backbone.device)?)
         }
     }
@@ -104,7 +108,14 @@ pub fn init_prompt_params(
             .collect::<Result<_>>()?;
         Tensor::stack(&rows, 0)?
     } else {
-        init_context(backbone, cfg.ctx_init.as_deref(), n, seed, CTX, "prompt.ctx_init")?
+        init_context(
+            backbone,
+            cfg.ctx_init.as_deref(),
+            n,
+            seed,
+            CTX,
+            "prompt.ctx_init",
+        )?
     };
     params.insert(CTX, &ctx)?;
     let layers = backbone.config.text.num_hidden_layers;
@@ -116,7 +127,11 @@ pub fn init_prompt_params(
     }
     for k in 1..cfg.text_depth {
         let name = deep_name(k);
-        let data = rng::normal(&mut rng::rng(seed, rng::stream::INIT, rng::name_id(&name)), n * w, 0.02);
+        let data = rng::normal(
+            &mut rng::rng(seed, rng::stream::INIT, rng::name_id(&name)),
+            n * w,
+            0.02,
+        );
         params.from_data(&name, &[n, w], data, &backbone.device)?;
     }
     if cfg.vision_depth > 0 {
@@ -132,7 +147,11 @@ pub fn init_prompt_params(
         let nv = cfg.vision_n_ctx;
         for k in 0..cfg.vision_depth {
             let name = visual_name(k);
-            let data = rng::normal(&mut rng::rng(seed, rng::stream::INIT, rng::name_id(&name)), nv * wv, 0.02);
+            let data = rng::normal(
+                &mut rng::rng(seed, rng::stream::INIT, rng::name_id(&name)),
+                nv * wv,
+                0.02,
+            );
             params.from_data(&name, &[nv, wv], data, &backbone.device)?;
         }
     }
@@ -163,7 +182,11 @@ pub fn init_sem_params(
 }
 
 /// Deep text prompts of the run (empty for depth 1).
-pub fn deep_prompts(params: &ParamStore, depth: usize, grad: bool) -> Result<Option<DeepTextPrompts>> {
+pub fn deep_prompts(
+    params: &ParamStore,
+    depth: usize,
+    grad: bool,
+) -> Result<Option<DeepTextPrompts>> {
     if depth <= 1 {
         return Ok(None);
     }
@@ -208,5 +231,8 @@ pub fn template_texts(template: &str, classnames: &[String]) -> Vec<String> {
 /// `C x C` cosine similarity of `emb [C, D]` (row-major).
 pub fn cosine_matrix(emb: &Tensor) -> Result<Vec<f32>> {
     let n = capt_clip::l2_normalize(emb)?;
-    Ok(n.matmul(&n.t()?)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(n.matmul(&n.t()?)?
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?)
 }

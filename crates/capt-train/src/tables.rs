@@ -49,7 +49,7 @@ impl StepPairs {
         }
         let used = order.len();
         // Stable: equal counts keep first-seen order.
-        order.sort_by(|a, b| b.1.cmp(&a.1));
+        order.sort_by_key(|o| std::cmp::Reverse(o.1));
         let take = if limit == 0 { used } else { limit.min(used) };
         Ok(Self {
             grad_pairs: order.into_iter().take(take).map(|(k, _)| k).collect(),
@@ -87,11 +87,14 @@ impl TableCache {
 
     /// As [`Self::build`], taking pair encodings that `reuse` already holds (it must have been
     /// built with the same contexts) and encoding only the others.
-    pub fn build_reusing(model: &Model, bank: &ConfusionBank, reuse: Option<&TableCache>) -> Result<Self> {
-        let hc = model
-            .head
-            .as_ref()
-            .ok_or_else(|| TrainError::Config("pair tables exist only for the CAPT methods".into()))?;
+    pub fn build_reusing(
+        model: &Model,
+        bank: &ConfusionBank,
+        reuse: Option<&TableCache>,
+    ) -> Result<Self> {
+        let hc = model.head.as_ref().ok_or_else(|| {
+            TrainError::Config("pair tables exist only for the CAPT methods".into())
+        })?;
         let c = model.num_classes();
         let bcfg = &model.cfg.capt.bank;
         if bank.num_classes() != c {
@@ -105,34 +108,50 @@ impl TableCache {
         let k = cands.k;
         let dev = &model.backbone.device;
         let d = model.backbone.dim();
-        let row_pairs: Vec<(usize, usize)> = (0..c * k).map(|r| (r / k, cands.index[r] as usize)).collect();
+        let row_pairs: Vec<(usize, usize)> = (0..c * k)
+            .map(|r| (r / k, cands.index[r] as usize))
+            .collect();
         let (t_com, t_dif, t_dif_rev, dif_at) = if hc.use_sem {
             // COM rows: reused rows of `reuse.t_com`, else freshly encoded.
             let com_src = match reuse {
-                Some(old) => assemble(
-                    model,
-                    Family::Com,
-                    &row_pairs,
-                    &[&old.t_com],
-                    |&(a, b)| old.row_of(a, b).map(|r| (0, r)),
-                )?,
+                Some(old) => assemble(model, Family::Com, &row_pairs, &[&old.t_com], |&(a, b)| {
+                    old.row_of(a, b).map(|r| (0, r))
+                })?,
                 None => encode_pairs(model, Family::Com, &row_pairs, false)?,
             };
-            let ordered: BTreeSet<(usize, usize)> = row_pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
+            let ordered: BTreeSet<(usize, usize)> = row_pairs
+                .iter()
+                .flat_map(|&(a, b)| [(a, b), (b, a)])
+                .collect();
             let ordered: Vec<(usize, usize)> = ordered.into_iter().collect();
-            let index: HashMap<(usize, usize), usize> = ordered.iter().enumerate().map(|(i, &p)| (p, i)).collect();
+            let index: HashMap<(usize, usize), usize> =
+                ordered.iter().enumerate().map(|(i, &p)| (p, i)).collect();
             let dif = match reuse {
-                Some(old) => assemble(model, Family::Dif, &ordered, &[&old.t_dif, &old.t_dif_rev], |p| {
-                    old.dif_at.get(p).and_then(|(f, r)| match (f.first(), r.first()) {
-                        (Some(&row), _) => Some((0, row)),
-                        (None, Some(&row)) => Some((1, row)),
-                        _ => None,
-                    })
-                })?,
+                Some(old) => assemble(
+                    model,
+                    Family::Dif,
+                    &ordered,
+                    &[&old.t_dif, &old.t_dif_rev],
+                    |p| {
+                        old.dif_at
+                            .get(p)
+                            .and_then(|(f, r)| match (f.first(), r.first()) {
+                                (Some(&row), _) => Some((0, row)),
+                                (None, Some(&row)) => Some((1, row)),
+                                _ => None,
+                            })
+                    },
+                )?,
                 None => encode_pairs(model, Family::Dif, &ordered, false)?,
             };
-            let fwd: Vec<u32> = row_pairs.iter().map(|&(a, b)| index[&(a, b)] as u32).collect();
-            let rev: Vec<u32> = row_pairs.iter().map(|&(a, b)| index[&(b, a)] as u32).collect();
+            let fwd: Vec<u32> = row_pairs
+                .iter()
+                .map(|&(a, b)| index[&(a, b)] as u32)
+                .collect();
+            let rev: Vec<u32> = row_pairs
+                .iter()
+                .map(|&(a, b)| index[&(b, a)] as u32)
+                .collect();
             let mut dif_at: HashMap<(usize, usize), (Vec<usize>, Vec<usize>)> = HashMap::new();
             for (r, &(a, b)) in row_pairs.iter().enumerate() {
                 dif_at.entry((a, b)).or_default().0.push(r);
@@ -154,8 +173,10 @@ impl TableCache {
             )
         } else {
             (
-                Tensor::from_slice(bank.pool_global(), (p, d), dev)?.to_dtype(model.backbone.work)?,
-                Tensor::from_slice(bank.pool_local(), (p, g, d), dev)?.to_dtype(model.backbone.work)?,
+                Tensor::from_slice(bank.pool_global(), (p, d), dev)?
+                    .to_dtype(model.backbone.work)?,
+                Tensor::from_slice(bank.pool_local(), (p, g, d), dev)?
+                    .to_dtype(model.backbone.work)?,
             )
         };
         let cells = Tensor::from_vec(bank.cell_table(&cands), (c, k, 2, bank.cell_size()), dev)?;
@@ -179,7 +200,7 @@ impl TableCache {
         let idx: Vec<i64> = self.cand_index.iter().map(|&v| v as i64).collect();
         Ok((
             Tensor::from_vec(idx, (c, k), dev)?,
-            Tensor::from_slice(&self.cand_weight, (c, k), dev)?,
+            Tensor::from_slice(&self.cand_weight, (c, k), dev)?.to_dtype(self.t_com.dtype())?,
         ))
     }
 
@@ -188,7 +209,13 @@ impl TableCache {
         self.tables_with(hc, &self.t_com, &self.t_dif, &self.t_dif_rev)
     }
 
-    fn tables_with(&self, hc: &HeadConfig, com: &Tensor, dif: &Tensor, rev: &Tensor) -> Result<HeadTables<Tensor>> {
+    fn tables_with(
+        &self,
+        hc: &HeadConfig,
+        com: &Tensor,
+        dif: &Tensor,
+        rev: &Tensor,
+    ) -> Result<HeadTables<Tensor>> {
         let (c, k, d) = (self.num_classes, self.k, hc.dim);
         let (cand_index, cand_weight) = self.cand_tensors(self.t_com.device())?;
         Ok(HeadTables {
@@ -213,7 +240,12 @@ impl TableCache {
     }
 
     /// The tables with the step's pairs re-encoded WITH gradient and spliced in.
-    pub fn spliced_tables(&self, model: &Model, hc: &HeadConfig, step: &StepPairs) -> Result<HeadTables<Tensor>> {
+    pub fn spliced_tables(
+        &self,
+        model: &Model,
+        hc: &HeadConfig,
+        step: &StepPairs,
+    ) -> Result<HeadTables<Tensor>> {
         if !hc.use_sem || step.grad_pairs.is_empty() {
             return self.head_tables(hc);
         }
@@ -225,7 +257,9 @@ impl TableCache {
             .iter()
             .map(|&(c, j)| {
                 self.row_of(c, j).map(|r| vec![r]).ok_or_else(|| {
-                    TrainError::Config(format!("pair ({c}, {j}) is not among the candidates of class {c}"))
+                    TrainError::Config(format!(
+                        "pair ({c}, {j}) is not among the candidates of class {c}"
+                    ))
                 })
             })
             .collect::<Result<_>>()?;
@@ -242,8 +276,14 @@ impl TableCache {
         }
         let fresh_dif = encode_pairs(model, Family::Dif, &ordered, true)?;
         let empty = (Vec::new(), Vec::new());
-        let fwd_rows: Vec<Vec<usize>> = ordered.iter().map(|p| self.dif_at.get(p).unwrap_or(&empty).0.clone()).collect();
-        let rev_rows: Vec<Vec<usize>> = ordered.iter().map(|p| self.dif_at.get(p).unwrap_or(&empty).1.clone()).collect();
+        let fwd_rows: Vec<Vec<usize>> = ordered
+            .iter()
+            .map(|p| self.dif_at.get(p).unwrap_or(&empty).0.clone())
+            .collect();
+        let rev_rows: Vec<Vec<usize>> = ordered
+            .iter()
+            .map(|p| self.dif_at.get(p).unwrap_or(&empty).1.clone())
+            .collect();
         let t_dif = splice(&self.t_dif, &fresh_dif, &fwd_rows, rows, dev)?;
         let t_dif_rev = splice(&self.t_dif_rev, &fresh_dif, &rev_rows, rows, dev)?;
         self.tables_with(hc, &t_com, &t_dif, &t_dif_rev)
@@ -265,7 +305,10 @@ impl TableCache {
     }
 
     /// Restores a cache from checkpoint tensors (evaluation on the trained classes).
-    pub fn from_checkpoint(tensors: &std::collections::BTreeMap<String, Tensor>, hc: &HeadConfig) -> Result<Self> {
+    pub fn from_checkpoint(
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+        hc: &HeadConfig,
+    ) -> Result<Self> {
         let get = |n: &str| {
             tensors
                 .get(n)
@@ -280,13 +323,18 @@ impl TableCache {
                 hc.num_classes, hc.k_cand
             )));
         }
-        let cand_index: Vec<u32> = cand_index_t.flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect();
+        let cand_index: Vec<u32> = cand_index_t
+            .flatten_all()?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
         let cand_weight = get("cand_weight")?.flatten_all()?.to_vec1::<f32>()?;
         let flat = |n: &str| -> Result<Tensor> { Ok(get(n)?.reshape((c * k, hc.dim))?) };
         let (t_com, t_dif, t_dif_rev) = (flat("t_com")?, flat("t_dif")?, flat("t_dif_rev")?);
         let mut dif_at: HashMap<(usize, usize), (Vec<usize>, Vec<usize>)> = HashMap::new();
-        for r in 0..c * k {
-            let (a, b) = (r / k, cand_index[r] as usize);
+        for (r, &j) in cand_index.iter().enumerate() {
+            let (a, b) = (r / k, j as usize);
             dif_at.entry((a, b)).or_default().0.push(r);
             dif_at.entry((b, a)).or_default().1.push(r);
         }
@@ -341,7 +389,13 @@ fn assemble(
 }
 
 /// `cached * (1 - mask) + selection @ fresh`: rows `rows_of[p]` take `fresh[p]`.
-fn splice(cached: &Tensor, fresh: &Tensor, rows_of: &[Vec<usize>], rows: usize, dev: &candle_core::Device) -> Result<Tensor> {
+fn splice(
+    cached: &Tensor,
+    fresh: &Tensor,
+    rows_of: &[Vec<usize>],
+    rows: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let p = rows_of.len();
     let mut sel = vec![0f32; rows * p];
     let mut keep = vec![1f32; rows];
@@ -351,14 +405,19 @@ fn splice(cached: &Tensor, fresh: &Tensor, rows_of: &[Vec<usize>], rows: usize, 
             keep[r] = 0.0;
         }
     }
-    let sel = Tensor::from_vec(sel, (rows, p), dev)?;
-    let keep = Tensor::from_vec(keep, (rows, 1), dev)?;
+    let sel = Tensor::from_vec(sel, (rows, p), dev)?.to_dtype(cached.dtype())?;
+    let keep = Tensor::from_vec(keep, (rows, 1), dev)?.to_dtype(cached.dtype())?;
     Ok((cached.broadcast_mul(&keep)? + sel.matmul(fresh)?)?)
 }
 
 /// Encodes pair prompts of `family` for `(a, b)` pairs: `[P, D]`, plus the description
 /// embeddings of the pair when a descriptions file is configured. Without `grad`, in chunks.
-pub fn encode_pairs(model: &Model, family: Family, pairs: &[(usize, usize)], grad: bool) -> Result<Tensor> {
+pub fn encode_pairs(
+    model: &Model,
+    family: Family,
+    pairs: &[(usize, usize)],
+    grad: bool,
+) -> Result<Tensor> {
     let bb = &model.backbone;
     let ctx = model.params.get_grad(family.param(), grad)?;
     let m = ctx.dim(0)?;
@@ -367,7 +426,11 @@ pub fn encode_pairs(model: &Model, family: Family, pairs: &[(usize, usize)], gra
         .iter()
         .map(|&(a, b)| bb.tokenizer.encode(&family.text(&names[a], &names[b])))
         .collect::<std::result::Result<_, _>>()?;
-    let chunk = if grad { lists.len().max(1) } else { model.cfg.trainer.text_chunk };
+    let chunk = if grad {
+        lists.len().max(1)
+    } else {
+        model.cfg.trainer.text_chunk
+    };
     let mut out = Vec::new();
     for part in lists.chunks(chunk) {
         let rows = bb.rows_from_ids(part, m)?;

@@ -12,11 +12,25 @@ fn k_pairs_above_k_cand_is_rejected() {
     let out = dir.path().join("out");
     let root = data_root().display().to_string();
     let r = capt_train(&[
-        "fit", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--config", cfg.to_str().unwrap(), "--out",
+        "fit",
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--backbone",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
         out.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("sem.k_pairs (3) is larger than sem.k_cand (2)"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("sem.k_pairs (3) is larger than sem.k_cand (2)"),
+        "{}",
+        r.stderr
+    );
     assert!(!out.exists(), "nothing written for a rejected config");
 }
 
@@ -25,7 +39,11 @@ fn unknown_method_lists_the_known_ones() {
     let dir = tempfile::tempdir().unwrap();
     let r = fit(&dir.path().join("out"), &["--method", "capt-plus"]);
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("unknown method `capt-plus`") && r.stderr.contains("capt-no-sem"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown method `capt-plus`") && r.stderr.contains("capt-no-sem"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -58,11 +76,30 @@ fn checkpoint_of_another_backbone_is_refused() {
     // Resuming it with the other backbone is refused too.
     let cfg = common::tiny_config().display().to_string();
     let r = capt_train(&[
-        "fit", "--dataset", "dtd", "--root", &root, "--backbone", other.to_str().unwrap(), "--config", &cfg,
-        "--method", "coop", "--epochs", "1", "--out", out.to_str().unwrap(), "--resume", "--no-progress",
+        "fit",
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--backbone",
+        other.to_str().unwrap(),
+        "--config",
+        &cfg,
+        "--method",
+        "coop",
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--no-progress",
     ]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("was trained on backbone tiny"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("was trained on backbone tiny"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -72,26 +109,55 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     // Epoch 1 warms up at a sane rate; epoch 2 jumps to an absurd one.
     std::fs::write(
         &cfg,
-        std::fs::read_to_string(common::tiny_config()).unwrap().replace(
-            "warmup_epochs = 0\nlr = 0.05",
-            "warmup_epochs = 1\nwarmup_lr = 0.01\nlr = 1e30\ngrad_clip = 1e30",
-        ) + "",
+        std::fs::read_to_string(common::tiny_config())
+            .unwrap()
+            .replace(
+                "warmup_epochs = 0\nlr = 0.05",
+                "warmup_epochs = 1\nwarmup_lr = 0.01\nlr = 1e30\ngrad_clip = 1e30",
+            )
+            + "",
     )
     .unwrap();
     let out = dir.path().join("out");
     let root = data_root().display().to_string();
     let r = capt_train(&[
-        "fit", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--config", cfg.to_str().unwrap(), "--epochs",
-        "3", "--method", "coop", "--out", out.to_str().unwrap(), "--no-progress",
+        "fit",
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--backbone",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--method",
+        "coop",
+        "--out",
+        out.to_str().unwrap(),
+        "--no-progress",
     ]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stderr.contains("loss is NaN") || r.stderr.contains("loss is inf"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("loss is NaN") || r.stderr.contains("loss is inf"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("epoch 2"), "{}", r.stderr);
     assert!(r.stderr.contains("epoch-001"), "{}", r.stderr);
     let names = names_in(&out);
     assert!(names.contains(&"epoch-001".to_string()), "{names:?}");
-    assert!(!names.iter().any(|n| n.contains(".tmp-") || n == "epoch-002" || n == "checkpoint"), "{names:?}");
-    assert_eq!(std::fs::read_to_string(out.join("LATEST")).unwrap().trim(), "epoch-001");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains(".tmp-") || n == "epoch-002" || n == "checkpoint"),
+        "{names:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("LATEST")).unwrap().trim(),
+        "epoch-001"
+    );
 }
 
 #[test]
@@ -101,7 +167,11 @@ fn unwritable_output_folder_is_a_clear_error() {
     std::fs::write(&file, b"x").unwrap();
     let r = fit(&file.join("out"), &["--method", "coop", "--epochs", "1"]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("cannot create output folder"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot create output folder"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -120,8 +190,20 @@ fn missing_checkpoint_and_bad_subsample_are_clear_errors() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("no checkpoint here"), "{}", r.stderr);
     let r = capt_train(&[
-        "zeroshot", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--subsample", "half",
+        "zeroshot",
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--backbone",
+        "tiny",
+        "--subsample",
+        "half",
     ]);
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("expected all, base, new or b2n"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("expected all, base, new or b2n"),
+        "{}",
+        r.stderr
+    );
 }

@@ -11,7 +11,14 @@ use capt_train::optim::Sgd;
 use capt_train::rng;
 use capt_train::tables::TableCache;
 
-const NAMES: [&str; 6] = ["banded", "blotchy", "braided", "bubbly", "bumpy", "chequered"];
+const NAMES: [&str; 6] = [
+    "banded",
+    "blotchy",
+    "braided",
+    "bubbly",
+    "bumpy",
+    "chequered",
+];
 
 fn config(method: Method) -> RunConfig {
     let mut c = RunConfig::default();
@@ -49,7 +56,12 @@ fn bank(m: &Model) -> ConfusionBank {
     let mut b = ConfusionBank::new(c, 24, 16, &m.cfg.capt.bank);
     let f = feats(4 * c, 5, DType::F32);
     let g = f.global.to_vec2::<f32>().unwrap();
-    let l = f.local.reshape((4 * c, 16 * 24)).unwrap().to_vec2::<f32>().unwrap();
+    let l = f
+        .local
+        .reshape((4 * c, 16 * 24))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for i in 0..4 * c {
         let y = i % c;
         let mut probs = vec![0.05f32; c];
@@ -60,7 +72,12 @@ fn bank(m: &Model) -> ConfusionBank {
 }
 
 fn labels(n: usize) -> Tensor {
-    Tensor::from_vec((0..n as u32).map(|i| i % 6).collect::<Vec<_>>(), n, &Device::Cpu).unwrap()
+    Tensor::from_vec(
+        (0..n as u32).map(|i| i % 6).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -71,14 +88,35 @@ fn capt_at_init_equals_coop_exactly() {
     let x = feats(8, 1, DType::F32);
     let t_coop = coop.class_embeddings(false).unwrap();
     let t_capt = capt.class_embeddings(false).unwrap();
-    assert_eq!(t_coop.to_vec2::<f32>().unwrap(), t_capt.to_vec2::<f32>().unwrap());
-    let a = coop.predict(&x, &t_coop, None).unwrap().to_vec2::<f32>().unwrap();
-    let b = capt.predict(&x, &t_capt, Some(&cache)).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(
+        t_coop.to_vec2::<f32>().unwrap(),
+        t_capt.to_vec2::<f32>().unwrap()
+    );
+    let a = coop
+        .predict(&x, &t_coop, None)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = capt
+        .predict(&x, &t_capt, Some(&cache))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(a, b, "CAPT logits at init differ from CoOp's");
     // And the training forward too (with gradient-path kernels on both sides).
     let y = labels(8);
-    let la = coop.train_forward(&x, &y, None).unwrap().logits.to_vec2::<f32>().unwrap();
-    let lb = capt.train_forward(&x, &y, Some(&cache)).unwrap().logits.to_vec2::<f32>().unwrap();
+    let la = coop
+        .train_forward(&x, &y, None)
+        .unwrap()
+        .logits
+        .to_vec2::<f32>()
+        .unwrap();
+    let lb = capt
+        .train_forward(&x, &y, Some(&cache))
+        .unwrap()
+        .logits
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(la, lb);
 }
 
@@ -89,7 +127,10 @@ fn activate(m: &Model) {
         let v = m.params.var(name).unwrap();
         let n = v.elem_count();
         let data = rng::normal(&mut rng::rng(seed, 77, 0), n, std);
-        let t = Tensor::from_vec(data, v.dims(), &Device::Cpu).unwrap().to_dtype(v.dtype()).unwrap();
+        let t = Tensor::from_vec(data, v.dims(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(v.dtype())
+            .unwrap();
         v.set(&t).unwrap();
     };
     set("capt.mgde.gains", 0.5, 1);
@@ -107,8 +148,15 @@ fn every_learned_tensor_gets_a_gradient() {
     // One real step moves the semantic experts' gains off zero.
     let out = m.train_forward(&x, &y, Some(&cache)).unwrap();
     let grads = out.loss.backward().unwrap();
-    Sgd::new(0.9, 5e-4, Some(1.0)).step(&m.params, &grads, 0.5).unwrap();
-    let gains = m.params.get("capt.mgde.gains").unwrap().to_vec1::<f32>().unwrap();
+    Sgd::new(0.9, 5e-4, Some(1.0))
+        .step(&m.params, &grads, 0.5)
+        .unwrap();
+    let gains = m
+        .params
+        .get("capt.mgde.gains")
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(gains[0] != 0.0 && gains[1] != 0.0, "{gains:?}");
     activate(&m);
     let out = m.train_forward(&x, &y, Some(&cache)).unwrap();
@@ -118,7 +166,13 @@ fn every_learned_tensor_gets_a_gradient() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm > 0.0 && norm.is_finite(), "{name}: |grad|^2 = {norm}");
     }
 }
@@ -153,14 +207,27 @@ fn capt_loss_gradient_matches_finite_differences_f64() {
     let eps = 1e-5;
     for (name, i) in probes {
         let var = m.params.var(name).unwrap();
-        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[i];
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[i];
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let at = |delta: f64| {
             let mut v = base.clone();
             v[i] += delta;
-            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let l = loss(&m);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             l
         };
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
@@ -170,5 +237,53 @@ fn capt_loss_gradient_matches_finite_differences_f64() {
             "{name}[{i}]: analytic {analytic:e} vs numeric {numeric:e}"
         );
         assert!(analytic != 0.0, "{name}[{i}] has a zero gradient");
+    }
+}
+
+#[test]
+fn truncated_text_sequences_equal_full_length_ones() {
+    use capt_train::prompts::{class_rows, encode_with_context, CTX};
+    let m = model(Method::Coop, DType::F32);
+    let names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    let short = class_rows(&m.backbone, &names, 4).unwrap();
+    let full = class_rows(&m.backbone, &names, 77).unwrap();
+    assert!(short.ids.dim(1).unwrap() < 20 && full.ids.dim(1).unwrap() == 77);
+    let ctx = m.params.get(CTX).unwrap();
+    let a = encode_with_context(&m.backbone, &ctx, &short, None).unwrap().to_vec2::<f32>().unwrap();
+    let b = encode_with_context(&m.backbone, &ctx, &full, None).unwrap().to_vec2::<f32>().unwrap();
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.iter().zip(rb) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn descriptions_are_added_to_the_pair_embeddings() {
+    use capt_train::prompts::Family;
+    use capt_train::tables::encode_pairs;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desc.json");
+    std::fs::write(&file, r#"{"banded|blotchy": ["regular parallel stripes", "bands of colour"]}"#).unwrap();
+    let bb = Backbone::random(&ClipConfig::tiny(), 11, true, DType::F32, &Device::Cpu).unwrap();
+    let names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    let mut cfg = config(Method::Capt);
+    let plain = Model::new(bb.clone(), &cfg, &names, "a photo of a {}.", 16, 4).unwrap();
+    cfg.capt.sem.descriptions = Some(file);
+    let described = Model::new(bb.clone(), &cfg, &names, "a photo of a {}.", 16, 4).unwrap();
+    let pairs = [(0, 1), (1, 0), (2, 3)];
+    let sentences = ["regular parallel stripes".to_string(), "bands of colour".to_string()];
+    let mean = bb.encode_texts(&sentences, 8).unwrap().mean(0).unwrap().to_vec1::<f32>().unwrap();
+    for fam in [Family::Com, Family::Dif] {
+        let a = encode_pairs(&plain, fam, &pairs, false).unwrap().to_vec2::<f32>().unwrap();
+        let b = encode_pairs(&described, fam, &pairs, false).unwrap().to_vec2::<f32>().unwrap();
+        // (0, 1) gets the description; (1, 0) only for the symmetric COM; (2, 3) never.
+        let expect_added = |row: usize| row == 0 || (row == 1 && fam == Family::Com);
+        for row in 0..3 {
+            for (k, (x, y)) in a[row].iter().zip(&b[row]).enumerate() {
+                let want = if expect_added(row) { x + mean[k] } else { *x };
+                assert!((y - want).abs() < 1e-5, "{fam:?} row {row}: {y} vs {want}");
+            }
+        }
     }
 }

@@ -28,17 +28,42 @@ fn log_losses(out: &std::path::Path) -> Vec<(f64, f64)> {
 fn coop_fit_lowers_the_loss_and_eval_writes_the_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("coop");
-    let r = fit(&out, &["--method", "coop", "--epochs", "4", "--lr", "0.5", "--seed", "3"]);
+    let r = fit(
+        &out,
+        &[
+            "--method", "coop", "--epochs", "4", "--lr", "0.5", "--seed", "3",
+        ],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("finished after 4 epoch(s)"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("finished after 4 epoch(s)"),
+        "{}",
+        r.stdout
+    );
     let losses = log_losses(&out);
     assert_eq!(losses.len(), 4);
-    assert!(losses[3].0 < losses[0].0, "training loss did not drop: {losses:?}");
+    assert!(
+        losses[3].0 < losses[0].0,
+        "training loss did not drop: {losses:?}"
+    );
     // The final checkpoint and the rotating epoch checkpoint; nothing temporary left.
     let names = names_in(&out);
-    assert!(names.contains(&"checkpoint".to_string()) && names.contains(&"epoch-004".to_string()), "{names:?}");
-    assert!(!names.iter().any(|n| n.contains(".tmp-") || n == "epoch-003"), "{names:?}");
-    for f in ["learned.safetensors", "tables.safetensors", "optim.safetensors", "state.json"] {
+    assert!(
+        names.contains(&"checkpoint".to_string()) && names.contains(&"epoch-004".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains(".tmp-") || n == "epoch-003"),
+        "{names:?}"
+    );
+    for f in [
+        "learned.safetensors",
+        "tables.safetensors",
+        "optim.safetensors",
+        "state.json",
+    ] {
         assert!(out.join("checkpoint").join(f).is_file(), "{f}");
     }
 
@@ -66,7 +91,9 @@ fn coop_fit_lowers_the_loss_and_eval_writes_the_report() {
     assert_eq!(part["confusion"]["num_classes"], 10);
     let png = image::open(ev.join("heatmap-all.png")).unwrap();
     assert!(png.width() >= 10);
-    assert!(std::fs::read_to_string(ev.join("report.md")).unwrap().contains("top-1"));
+    assert!(std::fs::read_to_string(ev.join("report.md"))
+        .unwrap()
+        .contains("top-1"));
 }
 
 #[test]
@@ -83,7 +110,11 @@ fn capt_resume_equals_uninterrupted_run_bit_for_bit() {
     let part = dir.path().join("part");
     let r = fit(&part, &["--seed", "5", "--stop-after", "1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("stopped after 1 epoch(s)"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("stopped after 1 epoch(s)"),
+        "{}",
+        r.stdout
+    );
     assert!(!part.join("checkpoint").exists());
     // Without --resume an existing run is never overwritten.
     let r = fit(&part, &["--seed", "5"]);
@@ -94,26 +125,48 @@ fn capt_resume_equals_uninterrupted_run_bit_for_bit() {
     for f in FILES {
         let a = read(&full.join("checkpoint").join(f));
         let b = read(&part.join("checkpoint").join(f));
-        assert!(a == b, "{f} differs between the resumed and the uninterrupted run");
+        assert!(
+            a == b,
+            "{f} differs between the resumed and the uninterrupted run"
+        );
     }
     assert_eq!(
-        std::fs::read_to_string(full.join("log.jsonl")).unwrap().lines().count(),
-        std::fs::read_to_string(part.join("log.jsonl")).unwrap().lines().count()
+        std::fs::read_to_string(full.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        std::fs::read_to_string(part.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
     );
 }
 
 #[test]
 fn same_seed_gives_identical_checkpoint_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
     for (out, seed) in [(&a, "7"), (&b, "7"), (&c, "8")] {
         let r = fit(out, &["--method", "coop", "--epochs", "1", "--seed", seed]);
         assert_eq!(r.code, 0, "{}", r.stderr);
     }
     let learned = |d: &std::path::Path| read(&d.join("checkpoint/learned.safetensors"));
-    assert!(learned(&a) == learned(&b), "same seed, different learned tensors");
-    assert!(read(&a.join("checkpoint/optim.safetensors")) == read(&b.join("checkpoint/optim.safetensors")));
-    assert!(learned(&a) != learned(&c), "different seeds gave the same run");
+    assert!(
+        learned(&a) == learned(&b),
+        "same seed, different learned tensors"
+    );
+    assert!(
+        read(&a.join("checkpoint/optim.safetensors"))
+            == read(&b.join("checkpoint/optim.safetensors"))
+    );
+    assert!(
+        learned(&a) != learned(&c),
+        "different seeds gave the same run"
+    );
 }
 
 #[test]
@@ -122,7 +175,16 @@ fn base_to_novel_eval_and_correction_rate_against_zero_shot() {
     let root = data_root().display().to_string();
     let zs = dir.path().join("zs");
     let r = capt_train(&[
-        "zeroshot", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--subsample", "b2n", "--out",
+        "zeroshot",
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--backbone",
+        "tiny",
+        "--subsample",
+        "b2n",
+        "--out",
         zs.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -132,9 +194,13 @@ fn base_to_novel_eval_and_correction_rate_against_zero_shot() {
     assert!(zr["hm"].as_f64().is_some());
 
     let run = dir.path().join("capt-base");
-    let r = fit(&run, &["--subsample", "base", "--epochs", "1", "--seed", "2"]);
+    let r = fit(
+        &run,
+        &["--subsample", "base", "--epochs", "1", "--seed", "2"],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let state: serde_json::Value = serde_json::from_slice(&read(&run.join("checkpoint/state.json"))).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&read(&run.join("checkpoint/state.json"))).unwrap();
     assert_eq!(state["class_names"].as_array().unwrap().len(), 5);
     assert_eq!(state["subsample"], "base");
 
@@ -161,7 +227,11 @@ fn base_to_novel_eval_and_correction_rate_against_zero_shot() {
         er["novel"].as_f64().unwrap(),
         er["hm"].as_f64().unwrap(),
     );
-    let expect = if b + n == 0.0 { 0.0 } else { 2.0 * b * n / (b + n) };
+    let expect = if b + n == 0.0 {
+        0.0
+    } else {
+        2.0 * b * n / (b + n)
+    };
     assert!((h - expect).abs() < 1e-9);
     for p in er["parts"].as_array().unwrap() {
         assert_eq!(p["images"], 10);
@@ -200,8 +270,67 @@ fn b2n_writes_the_table() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let md = std::fs::read_to_string(out.join("b2n.md")).unwrap();
-    assert!(md.contains("| zero-shot |") && md.contains("| coop |"), "{md}");
+    assert!(
+        md.contains("| zero-shot |") && md.contains("| coop |"),
+        "{md}"
+    );
     let csv = std::fs::read_to_string(out.join("b2n.csv")).unwrap();
-    assert!(csv.lines().any(|l| l.starts_with("DescribableTextures,coop,1,")), "{csv}");
-    assert!(csv.lines().any(|l| l.starts_with("average,zero-shot,mean,")), "{csv}");
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("DescribableTextures,coop,1,")),
+        "{csv}"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("average,zero-shot,mean,")),
+        "{csv}"
+    );
+}
+
+#[test]
+fn deep_text_visual_and_class_specific_prompts_train_and_evaluate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("deep.toml");
+    let base = std::fs::read_to_string(common::tiny_config()).unwrap();
+    std::fs::write(
+        &cfg,
+        base.replace(
+            "[prompt]\n",
+            "[prompt]\ntext_depth = 2\nvision_depth = 2\nvision_n_ctx = 2\nclass_specific = true\n",
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let root = data_root().display().to_string();
+    let r = capt_train(&[
+        "fit", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--config", cfg.to_str().unwrap(), "--epochs",
+        "1", "--out", out.to_str().unwrap(), "--no-progress",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let bytes = read(&out.join("checkpoint/learned.safetensors"));
+    let st: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    for name in ["prompt.ctx", "prompt.deep.1", "prompt.visual.0", "prompt.visual.1", "sem.com_ctx", "capt.mgde.gains"] {
+        assert!(st.iter().any(|n| n == name), "{name} missing from {st:?}");
+    }
+    // No feature cache with vision prompts: the image tower runs every step.
+    assert!(!out.join("feature-cache").exists());
+    let ev = dir.path().join("ev");
+    let r = capt_train(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--out",
+        ev.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(ev.join("report.json").is_file());
 }

@@ -20,12 +20,18 @@ pub const GAINS: &str = "capt.mgde.gains";
 pub enum ParamInit {
     Zeros,
     Const(f32),
-    Normal { std: f32 },
+    Normal {
+        std: f32,
+    },
     /// torch `nn.Linear`'s default (`kaiming_uniform_(a = sqrt 5)`, also used for its bias):
     /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
-    KaimingUniform { fan_in: usize },
+    KaimingUniform {
+        fan_in: usize,
+    },
     /// Each row (last axis) a random unit vector (normalised N(0, 1) draws) times `scale`.
-    RandomUnitRows { scale: f32 },
+    RandomUnitRows {
+        scale: f32,
+    },
 }
 
 /// One learned tensor of the head.
@@ -49,8 +55,16 @@ pub fn head_params(cfg: &HeadConfig) -> Vec<ParamSpec> {
             out.push(spec(format!("{prefix}.fc1.weight"), vec![h, d], fc1));
             out.push(spec(format!("{prefix}.fc1.bias"), vec![h], fc1));
             // Zero last layer: the adapter starts as h = 0.
-            out.push(spec(format!("{prefix}.fc2.weight"), vec![d, h], ParamInit::Zeros));
-            out.push(spec(format!("{prefix}.fc2.bias"), vec![d], ParamInit::Zeros));
+            out.push(spec(
+                format!("{prefix}.fc2.weight"),
+                vec![d, h],
+                ParamInit::Zeros,
+            ));
+            out.push(spec(
+                format!("{prefix}.fc2.bias"),
+                vec![d],
+                ParamInit::Zeros,
+            ));
         }
         out.push(spec(ALPHA.into(), vec![1], ParamInit::Zeros));
     }
@@ -188,7 +202,10 @@ mod tests {
         assert_eq!(by("capt.mgde.router").shape, [3, 24]);
         assert_eq!(by("capt.mgde.gains").init, ParamInit::Zeros);
         // Ablations drop what they never read.
-        let no_sam: Vec<String> = head_params(&cfg(false, false)).into_iter().map(|s| s.name).collect();
+        let no_sam: Vec<String> = head_params(&cfg(false, false))
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         assert_eq!(no_sam, ["capt.mgde.gains"]);
     }
 
@@ -224,11 +241,18 @@ mod tests {
 
     #[test]
     fn normal_draws_have_the_requested_spread() {
-        let v = sample(&ParamInit::Normal { std: 0.02 }, &[4000], &mut SplitMix64::new(1));
+        let v = sample(
+            &ParamInit::Normal { std: 0.02 },
+            &[4000],
+            &mut SplitMix64::new(1),
+        );
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32;
         assert!(mean.abs() < 0.002, "mean {mean}");
         assert!((var.sqrt() - 0.02).abs() < 0.002, "std {}", var.sqrt());
-        assert_eq!(sample(&ParamInit::Const(2.5), &[3], &mut SplitMix64::new(1)), [2.5; 3]);
+        assert_eq!(
+            sample(&ParamInit::Const(2.5), &[3], &mut SplitMix64::new(1)),
+            [2.5; 3]
+        );
     }
 }

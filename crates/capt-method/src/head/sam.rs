@@ -27,7 +27,10 @@ pub fn retrieve<O: Ops>(
 ) -> Result<Retrieval<O::T>> {
     let fdt = ops.dtype(f);
     let m2 = 2 * cfg.cell_size;
-    let cells = ops.reshape(&t.cells, &[(cfg.num_classes * cfg.k_cand) as i64, m2 as i64])?;
+    let cells = ops.reshape(
+        &t.cells,
+        &[(cfg.num_classes * cfg.k_cand) as i64, m2 as i64],
+    )?;
     let slots = ops.gather(&cells, &pairs.flat, 0)?; // [N, K_p, 2M]
     let slots = ops.reshape(&slots, &[0, cfg.retrieval_slots() as i64])?; // [N, R]
     let minus_one = ops.constant(&HostTensor::i64(vec![], vec![-1])?)?;

@@ -49,7 +49,10 @@ pub fn select_pairs<O: Ops>(
     let one_hot_partners = ops.one_hot(&partners, cfg.num_classes, fdt)?;
     // Candidates are distinct and never c, so the sum is 0/1; the comparison keeps it so
     // even for a malformed table.
-    let count = ops.add(&one_hot_class, &ops.reduce_sum(&one_hot_partners, 1, false)?)?;
+    let count = ops.add(
+        &one_hot_class,
+        &ops.reduce_sum(&one_hot_partners, 1, false)?,
+    )?;
     let zero = ops.constant(&HostTensor::scalar_f32(0.0))?;
     let support = ops.cast(&ops.greater(&count, &zero)?, fdt)?;
     Ok(Pairs {

@@ -90,7 +90,10 @@ fn case(method: Method) -> Case {
     let cand = (0..C)
         .flat_map(|c| [1usize, 3, 4].map(|o| ((c + o) % C) as i64))
         .collect();
-    let nhat = values(3, C * K).iter().map(|v| 0.2 + 0.8 * v.abs()).collect();
+    let nhat = values(3, C * K)
+        .iter()
+        .map(|v| 0.2 + 0.8 * v.abs())
+        .collect();
     let mut cells = vec![-1i64; C * K * 2 * M];
     for (i, cell) in cells.iter_mut().enumerate() {
         let (c, m, dir) = (i / (K * 2 * M), i % M, (i / M) % 2);
@@ -187,7 +190,10 @@ impl Case {
         let mut by_name = BTreeMap::new();
         let mut var_list = Vec::new();
         for (name, shape, data) in self.floats() {
-            let t = Tensor::from_vec(data, shape, &dev).unwrap().to_dtype(dt).unwrap();
+            let t = Tensor::from_vec(data, shape, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
             let constant = ["pool_global", "pool_local", "cand_weight", "logit_scale"];
             let t = if vars && !constant.contains(&name.as_str()) {
                 let v = Var::from_tensor(&t).unwrap();
@@ -199,7 +205,11 @@ impl Case {
             };
             by_name.insert(name, t);
         }
-        let fdt = if dt == CDType::F64 { DType::F64 } else { DType::F32 };
+        let fdt = if dt == CDType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let mut ops = CandleOps::new(&dev, fdt).unwrap();
         for name in self.params.keys() {
             ops.insert(name.clone(), by_name[name].clone());
@@ -379,7 +389,8 @@ fn reference(case: &Case) -> Vec<RefImage> {
             let mut dz1 = vec![0.0; C];
             if cfg.use_sem {
                 for &(k, j) in &picks {
-                    let e = tau * (dot(&f, &tab(&case.t_dif, k)) - dot(&f, &tab(&case.t_dif_rev, k)));
+                    let e =
+                        tau * (dot(&f, &tab(&case.t_dif, k)) - dot(&f, &tab(&case.t_dif_rev, k)));
                     dz0[class] += e / 2.0;
                     dz0[j] -= e / 2.0;
                 }
@@ -409,7 +420,8 @@ fn reference(case: &Case) -> Vec<RefImage> {
                 }
                 cands.sort_by(|a, b| b.1.total_cmp(&a.1));
                 cands.truncate(KS);
-                let s: Vec<f64> = cands.iter().map(|c| c.1 / 0.07).collect();
+                let temp = cfg.sam_temperature as f64;
+                let s: Vec<f64> = cands.iter().map(|c| c.1 / temp).collect();
                 let w = softmax(&s);
                 samples = cands.iter().zip(&w).map(|(c, &w)| (c.0, w)).collect();
                 if !samples.is_empty() {
@@ -455,12 +467,19 @@ fn reference(case: &Case) -> Vec<RefImage> {
                 if cfg.use_sem {
                     for &(k, _) in &picks {
                         let u = tab(&case.t_dif, k);
-                        third.iter_mut().zip(&u).for_each(|(a, b)| *a += b / KP as f64);
+                        third
+                            .iter_mut()
+                            .zip(&u)
+                            .for_each(|(a, b)| *a += b / KP as f64);
                     }
                 }
                 x.extend(third);
                 let r = case.param(ROUTER);
-                softmax(&(0..3).map(|e| dot(row(r, e, 3 * D), &x)).collect::<Vec<_>>())
+                softmax(
+                    &(0..3)
+                        .map(|e| dot(row(r, e, 3 * D), &x))
+                        .collect::<Vec<_>>(),
+                )
             } else {
                 vec![1.0 / 3.0; 3]
             };
@@ -491,7 +510,10 @@ fn zero_gains_give_base_logits_exactly() -> Res {
     let c = case(Method::Capt);
     assert!(c.param(GAINS).iter().all(|&g| g == 0.0));
     let out = c.run(CDType::F32);
-    assert_eq!(out.logits, out.base, "logits must equal base logits bit for bit at init");
+    assert_eq!(
+        out.logits, out.base,
+        "logits must equal base logits bit for bit at init"
+    );
     // Base logits by hand: tau * norm(f) . norm(t_c).
     let tau = c.logit_scale.exp();
     let mut want = vec![];
@@ -519,18 +541,42 @@ fn zero_gains_give_base_logits_exactly() -> Res {
 
 #[test]
 fn matches_the_f64_reference_for_every_method() -> Res {
-    for method in [Method::Capt, Method::CaptNoSem, Method::CaptNoSam, Method::CaptNoRouting] {
+    for method in [
+        Method::Capt,
+        Method::CaptNoSem,
+        Method::CaptNoSam,
+        Method::CaptNoRouting,
+    ] {
         let c = trained(method);
         let r = reference(&c);
         let out = c.run(CDType::F64);
-        let cat = |f: fn(&RefImage) -> &Vec<f64>| r.iter().flat_map(|i| f(i).clone()).collect::<Vec<_>>();
+        let cat =
+            |f: fn(&RefImage) -> &Vec<f64>| r.iter().flat_map(|i| f(i).clone()).collect::<Vec<_>>();
         assert_close("base", &out.base, &cat(|i| &i.base), 1e-10);
-        assert_close(&format!("{method} logits"), &out.logits, &cat(|i| &i.logits), 1e-9);
-        assert_close(&format!("{method} gates"), &out.gates, &cat(|i| &i.gates), 1e-9);
-        let pairs: Vec<i64> = r.iter().flat_map(|i| i.picks.iter().map(|p| p.1 as i64)).collect();
+        assert_close(
+            &format!("{method} logits"),
+            &out.logits,
+            &cat(|i| &i.logits),
+            1e-9,
+        );
+        assert_close(
+            &format!("{method} gates"),
+            &out.gates,
+            &cat(|i| &i.gates),
+            1e-9,
+        );
+        let pairs: Vec<i64> = r
+            .iter()
+            .flat_map(|i| i.picks.iter().map(|p| p.1 as i64))
+            .collect();
         assert_eq!(out.pairs, pairs, "{method}");
         // The test data exercises every expert: corrections are non-trivial.
-        let moved = out.logits.iter().zip(&out.base).filter(|(a, b)| a != b).count();
+        let moved = out
+            .logits
+            .iter()
+            .zip(&out.base)
+            .filter(|(a, b)| a != b)
+            .count();
         assert!(moved >= c.n, "{method}: only {moved} logits moved");
         // F32 agrees with F64 to float precision.
         let out32 = c.run(CDType::F32);
@@ -575,20 +621,34 @@ fn pairs_are_the_top_nhat_times_p_candidates() -> Res {
     for n in 0..c.n {
         // Scores by hand: softmax of the base logits, times Nhat of c's candidates.
         let f = norm(row(&c.f, n, D));
-        let z: Vec<f64> = (0..C).map(|k| tau * dot(&f, &norm(row(&c.t, k, D)))).collect();
+        let z: Vec<f64> = (0..C)
+            .map(|k| tau * dot(&f, &norm(row(&c.t, k, D))))
+            .collect();
         let p = softmax(&z);
         let cls = (0..C).max_by(|&a, &b| z[a].total_cmp(&z[b])).unwrap();
         let mut scored: Vec<(f64, i64)> = (0..K)
-            .map(|k| (c.nhat[cls * K + k] * p[c.cand[cls * K + k] as usize], c.cand[cls * K + k]))
+            .map(|k| {
+                (
+                    c.nhat[cls * K + k] * p[c.cand[cls * K + k] as usize],
+                    c.cand[cls * K + k],
+                )
+            })
             .collect();
         scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-        assert!(scored[KP - 1].0 > scored[KP].0 * 1.01, "test data has a near tie");
+        assert!(
+            scored[KP - 1].0 > scored[KP].0 * 1.01,
+            "test data has a near tie"
+        );
         let want: Vec<i64> = scored[..KP].iter().map(|s| s.1).collect();
 
         let zb = Tensor::from_vec(z.clone(), (1, C), &Device::Cpu)?;
         let pairs = select_pairs(&b.ops, &c.cfg, &zb, &b.t)?;
         assert_eq!(pairs.class.to_vec1::<i64>()?, vec![cls as i64]);
-        assert_eq!(pairs.partners.flatten_all()?.to_vec1::<i64>()?, want, "image {n}");
+        assert_eq!(
+            pairs.partners.flatten_all()?.to_vec1::<i64>()?,
+            want,
+            "image {n}"
+        );
         let mut support = vec![0.0; C];
         support[cls] = 1.0;
         want.iter().for_each(|&j| support[j as usize] = 1.0);
@@ -603,14 +663,25 @@ fn retrieval_takes_valid_slots_only_and_empty_cells_give_no_shift() -> Res {
     let r = reference(&c);
     let b = c.build(CDType::F64, false);
     let f = b.ops.l2_normalize(&b.x.image_global, -1)?;
-    let tn_t = b.ops.transpose(&b.ops.l2_normalize(&b.x.class_emb, -1)?, 0, 1)?;
-    let z = b.ops.mul_scalar(&b.ops.matmul(&f, &tn_t)?, c.logit_scale.exp())?;
+    let tn_t = b
+        .ops
+        .transpose(&b.ops.l2_normalize(&b.x.class_emb, -1)?, 0, 1)?;
+    let z = b
+        .ops
+        .mul_scalar(&b.ops.matmul(&f, &tn_t)?, c.logit_scale.exp())?;
     let pairs = select_pairs(&b.ops, &c.cfg, &z, &b.t)?;
     let ret = retrieve(&b.ops, &c.cfg, &f, &pairs, &b.t)?;
     let slots = ret.slots.flatten_all()?.to_vec1::<i64>()?;
     let weights = host(&ret.weights);
     let any = host(&ret.any);
-    let f_sam = host(&sample_feature(&b.ops, &c.cfg, &f, &b.x.image_local, &ret, &b.t)?);
+    let f_sam = host(&sample_feature(
+        &b.ops,
+        &c.cfg,
+        &f,
+        &b.x.image_local,
+        &ret,
+        &b.t,
+    )?);
     let valid_counts: Vec<usize> = r.iter().map(|i| i.samples.len()).collect();
     // Image 0: full top-K_s; image 1 (class 2): fewer valid slots than K_s; image 2: none.
     assert_eq!(valid_counts, vec![KS, KP, 0]);
@@ -618,16 +689,28 @@ fn retrieval_takes_valid_slots_only_and_empty_cells_give_no_shift() -> Res {
         for s in 0..KS {
             let (want_slot, want_w) = img.samples.get(s).copied().unwrap_or((0, 0.0));
             assert_eq!(slots[n * KS + s], want_slot as i64, "image {n} pick {s}");
-            assert!((weights[n * KS + s] - want_w).abs() < 1e-12, "image {n} weight {s}");
+            assert!(
+                (weights[n * KS + s] - want_w).abs() < 1e-12,
+                "image {n} weight {s}: {} vs {want_w}",
+                weights[n * KS + s]
+            );
         }
         let total: f64 = weights[n * KS..(n + 1) * KS].iter().sum();
         let has = !img.samples.is_empty();
-        assert!((total - has as u8 as f64).abs() < 1e-12, "image {n}: weights sum {total}");
+        assert!(
+            (total - has as u8 as f64).abs() < 1e-12,
+            "image {n}: weights sum {total}"
+        );
         assert_eq!(any[n], has as u8 as f64);
         assert_close(&format!("f_sam {n}"), row(&f_sam, n, D), &img.f_sam, 1e-10);
     }
     // Empty cells: h = 0, so f_sam = norm(f).
-    assert_close("f_sam of the empty image", row(&f_sam, 2, D), &r[2].f, 1e-12);
+    assert_close(
+        "f_sam of the empty image",
+        row(&f_sam, 2, D),
+        &r[2].f,
+        1e-12,
+    );
     assert!(r[2].dz[2].iter().all(|v| v.abs() < 1e-12));
     Ok(())
 }
@@ -648,7 +731,10 @@ fn an_empty_bank_produces_no_nan() -> Res {
     let grads = o.logits.sqr()?.sum_all()?.backward()?;
     for (name, v) in &b.vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            assert!(host(g).iter().all(|x| x.is_finite()), "NaN gradient for {name}");
+            assert!(
+                host(g).iter().all(|x| x.is_finite()),
+                "NaN gradient for {name}"
+            );
         }
     }
     // With no samples, the sample expert contributes (numerically) nothing.
@@ -672,12 +758,19 @@ fn hand_case(method: Method) -> Case {
     c.n = 1;
     c.f = e(0, 3.0);
     c.l = values(4, G * D);
-    c.t = [e(0, 1.0), add(e(0, 1.0), e(3, 1.0)), add(e(0, 1.0), e(3, 2.0)), e(4, 1.0), e(0, -1.0)]
-        .concat();
+    c.t = [
+        e(0, 1.0),
+        add(e(0, 1.0), e(3, 1.0)),
+        add(e(0, 1.0), e(3, 2.0)),
+        e(4, 1.0),
+        e(0, -1.0),
+    ]
+    .concat();
     c.logit_scale = 10f64.ln();
     c.cand[..K].copy_from_slice(&[3, 1, 2]);
     c.nhat[..K].copy_from_slice(&[0.5, 0.3, 0.2]);
-    let put = |tab: &mut Vec<f64>, k: usize, v: Vec<f64>| tab[k * D..(k + 1) * D].copy_from_slice(&v);
+    let put =
+        |tab: &mut Vec<f64>, k: usize, v: Vec<f64>| tab[k * D..(k + 1) * D].copy_from_slice(&v);
     // Pair (0, 1) is candidate position 1, pair (0, 2) position 2.
     put(&mut c.t_dif, 1, add(e(0, 0.6), e(1, 0.8)));
     put(&mut c.t_dif_rev, 1, e(1, 1.0));
@@ -697,15 +790,36 @@ fn semantic_experts_on_a_hand_checkable_case() -> Res {
     c.set(GAINS, &[1.5, 0.0, 0.0]);
     let out = c.run(CDType::F64);
     assert_eq!(out.pairs, vec![1, 2]);
-    let shift: Vec<f64> = out.logits.iter().zip(&out.base).map(|(z, b)| z - b).collect();
-    assert_close("difference expert", &shift, &[2.0, -1.5, -0.5, 0.0, 0.0], 1e-12);
+    let shift: Vec<f64> = out
+        .logits
+        .iter()
+        .zip(&out.base)
+        .map(|(z, b)| z - b)
+        .collect();
+    assert_close(
+        "difference expert",
+        &shift,
+        &[2.0, -1.5, -0.5, 0.0, 0.0],
+        1e-12,
+    );
     // Commonality expert: u_1 = (e0 + e3)/sqrt2, u_2 = e5 (orthogonal to f), so
     // f' = norm(e0 - (e0 + e3)/2) = (e0 - e3)/sqrt2 and dz1_s = 10 (f' - f) . norm(t_s) on S.
     c.set(GAINS, &[0.0, 1.5, 0.0]);
     let out = c.run(CDType::F64);
     let h = std::f64::consts::FRAC_1_SQRT_2;
-    let dz1 = [10.0 * (h - 1.0), 10.0 * (-h), 10.0 * (-h - 1.0) / 5f64.sqrt(), 0.0, 0.0];
-    let shift: Vec<f64> = out.logits.iter().zip(&out.base).map(|(z, b)| z - b).collect();
+    let dz1 = [
+        10.0 * (h - 1.0),
+        10.0 * (-h),
+        10.0 * (-h - 1.0) / 5f64.sqrt(),
+        0.0,
+        0.0,
+    ];
+    let shift: Vec<f64> = out
+        .logits
+        .iter()
+        .zip(&out.base)
+        .map(|(z, b)| z - b)
+        .collect();
     let want: Vec<f64> = dz1.iter().map(|v| v * 0.5).collect();
     assert_close("commonality expert", &shift, &want, 1e-12);
     Ok(())
@@ -715,7 +829,11 @@ fn semantic_experts_on_a_hand_checkable_case() -> Res {
 fn router_gates_and_load_balance() -> Res {
     // Uniform gates without the learned router.
     let out = trained(Method::CaptNoRouting).run(CDType::F32);
-    assert!(out.gates.iter().all(|&g| g == (1.0f32 / 3.0) as f64), "{:?}", out.gates);
+    assert!(
+        out.gates.iter().all(|&g| g == (1.0f32 / 3.0) as f64),
+        "{:?}",
+        out.gates
+    );
     // Learned router: a softmax per image, not uniform once R is trained.
     let c = trained(Method::Capt);
     let b = c.build(CDType::F64, false);
@@ -763,7 +881,10 @@ fn ablations_switch_off_the_right_experts() -> Res {
     // Without SAM: the sample expert is off (f_sam = f) and the bank is not read.
     let mut c = trained(Method::CaptNoSam);
     assert!(c.cfg.use_sem && !c.cfg.use_sam);
-    assert!(!c.params.contains_key(ALPHA), "no adapter parameters without SAM");
+    assert!(
+        !c.params.contains_key(ALPHA),
+        "no adapter parameters without SAM"
+    );
     c.set(GAINS, &[0.0, 0.0, 2.0]);
     let mut b = c.build(CDType::F32, false);
     (b.t.pool_global, b.t.pool_local, b.t.cells) = (dummy.clone(), dummy.clone(), dummy.clone());
@@ -803,12 +924,19 @@ fn gradients_reach_every_parameter_and_table() -> Res {
     let grads = loss(&o, &b.ops).backward()?;
     let gsum = |name: &str, grads: &candle_core::backprop::GradStore| -> f64 {
         let v = &b.vars.iter().find(|v| v.0 == name).unwrap().1;
-        grads.get(v.as_tensor()).map_or(0.0, |g| host(g).iter().map(|x| x.abs()).sum())
+        grads
+            .get(v.as_tensor())
+            .map_or(0.0, |g| host(g).iter().map(|x| x.abs()).sum())
     };
     assert!(gsum(GAINS, &grads) > 1e-4, "gains get no gradient at init");
 
     // Trained: every capt.* parameter and the class / COM / DIF tables.
-    for method in [Method::Capt, Method::CaptNoSem, Method::CaptNoSam, Method::CaptNoRouting] {
+    for method in [
+        Method::Capt,
+        Method::CaptNoSem,
+        Method::CaptNoSam,
+        Method::CaptNoRouting,
+    ] {
         let c = trained(method);
         let b = c.build(CDType::F32, true);
         let o = capt_head(&b.ops, &c.cfg, &b.x, &b.t)?;
@@ -824,7 +952,10 @@ fn gradients_reach_every_parameter_and_table() -> Res {
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{method}: no gradient for {name}"));
             let g = host(g);
-            assert!(g.iter().all(|x| x.is_finite()), "{method}: {name} gradient not finite");
+            assert!(
+                g.iter().all(|x| x.is_finite()),
+                "{method}: {name} gradient not finite"
+            );
             let s: f64 = g.iter().map(|x| x.abs()).sum();
             // Ablations zero the gains of disabled experts; the rest must move.
             assert!(s > 1e-6, "{method}: {name} gradient is zero");
@@ -871,7 +1002,11 @@ fn gradients_match_finite_differences() -> Res {
             let fd = (eval(plus)? - eval(minus)?) / (2.0 * eps);
             let err = (fd - g[i]).abs() / fd.abs().max(1.0);
             worst = worst.max(err);
-            assert!(err < 1e-6, "{name}[{i}]: autograd {} vs finite difference {fd}", g[i]);
+            assert!(
+                err < 1e-6,
+                "{name}[{i}]: autograd {} vs finite difference {fd}",
+                g[i]
+            );
         }
         v.set(&orig)?;
     }
@@ -894,27 +1029,38 @@ fn config_caps_and_input_errors() -> Res {
     assert_eq!((d.k_cand, d.k_pairs, d.k_samples, d.hidden), (8, 3, 4, 128));
     assert!(d.use_sem && d.use_sam && d.learned_router);
     let coop = capt_config(Method::Coop);
-    assert!(HeadConfig::from_config(&coop, 10, 8, 4).unwrap_err().to_string().contains("coop"));
+    assert!(HeadConfig::from_config(&coop, 10, 8, 4)
+        .unwrap_err()
+        .to_string()
+        .contains("coop"));
     assert!(HeadConfig::from_config(&cc, 1, 8, 4).is_err());
 
     // Shape errors name the tensor.
     let c = trained(Method::Capt);
     let mut b = c.build(CDType::F32, false);
     b.t.cells = Tensor::zeros((C, K, 2, M + 1), CDType::I64, &Device::Cpu)?;
-    let e = capt_head(&b.ops, &c.cfg, &b.x, &b.t).unwrap_err().to_string();
+    let e = capt_head(&b.ops, &c.cfg, &b.x, &b.t)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`cells`") && e.contains("[5, 3, 2, 2]"), "{e}");
     let mut b = c.build(CDType::F32, false);
     b.t.cand_index = b.t.cand_index.to_dtype(CDType::F32)?;
-    let e = capt_head(&b.ops, &c.cfg, &b.x, &b.t).unwrap_err().to_string();
+    let e = capt_head(&b.ops, &c.cfg, &b.x, &b.t)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`cand_index`") && e.contains("I64"), "{e}");
     let mut b = c.build(CDType::F32, false);
     b.x.image_local = Tensor::zeros((2, G, D), CDType::F32, &Device::Cpu)?;
-    let e = capt_head(&b.ops, &c.cfg, &b.x, &b.t).unwrap_err().to_string();
+    let e = capt_head(&b.ops, &c.cfg, &b.x, &b.t)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`image_local`"), "{e}");
     // A missing parameter names it.
     let b = c.build(CDType::F32, false);
     let bare = CandleOps::new(&Device::Cpu, DType::F32)?;
-    let e = capt_head(&bare, &c.cfg, &b.x, &b.t).unwrap_err().to_string();
+    let e = capt_head(&bare, &c.cfg, &b.x, &b.t)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("capt."), "{e}");
     Ok(())
 }

@@ -42,7 +42,17 @@ pub fn fit(out: &Path, extra: &[&str]) -> Run {
     let cfg = tiny_config().display().to_string();
     let root = data_root().display().to_string();
     let mut args = vec![
-        "fit", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--config", &cfg, "--out", &out,
+        "fit",
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--backbone",
+        "tiny",
+        "--config",
+        &cfg,
+        "--out",
+        &out,
         "--no-progress",
     ];
     args.extend_from_slice(extra);
@@ -55,7 +65,10 @@ pub fn read(p: &Path) -> Vec<u8> {
 
 pub fn names_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|it| it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|it| {
+            it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
