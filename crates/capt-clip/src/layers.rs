@@ -1,9 +1,10 @@
 //! Transformer building blocks shared by both towers, with HF tensor names.
 //!
 //! Every op here has a backward pass in candle unless `fast` is set: LayerNorm goes through
-//! `layer_norm_slow` math and attention through `ops::softmax`. The fused kernels
-//! (`ops::layer_norm`, `softmax_last_dim`) have no backward and silently cut gradients, so they
-//! are only used when nothing needs a gradient (see [`Mode`]).
+//! `layer_norm_slow` math and attention through `ops::softmax`. The fused kernels (ours in
+//! `crate::fast` for f32 on CPU, else candle's `ops::layer_norm` / `softmax_last_dim`) have no
+//! backward and silently cut gradients, so they are only used when nothing needs a gradient
+//! (see [`Mode`]).
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{init, Init, VarBuilder};
@@ -20,8 +21,9 @@ pub enum Mode {
     Auto,
     /// Autograd-safe ops only (`layer_norm_slow` math, `ops::softmax`).
     Autograd,
-    /// Fused inference kernels (`ops::layer_norm`, `softmax_last_dim`): gradients do not flow
-    /// through LayerNorm or attention.
+    /// Fused inference kernels (in-place bias + activation / residual, LayerNorm and softmax;
+    /// candle's `ops::layer_norm` / `softmax_last_dim` off f32 CPU): gradients do not flow
+    /// through LayerNorm or attention. Batches are run in chunks that keep activations < 24 MB.
     Fast,
 }
 
@@ -58,8 +60,9 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
-        // The fused kernel has no F64 path; F64 is only used for gradient checks anyway.
-        if fast && fast::fusable(x) && fast::fusable(&self.weight) && x.is_contiguous() {
+        // candle's fused kernel has no F64 path; F64 is only used for gradient checks anyway.
+        let ours = [x, &self.weight, &self.bias].into_iter().all(fast::fusable);
+        if fast && ours && x.is_contiguous() {
             x.apply_op3_no_bwd(&self.weight, &self.bias, &fast::LayerNorm(self.eps as f32))
         } else if fast && x.dtype() != DType::F64 && x.is_contiguous() {
             candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
@@ -69,8 +72,8 @@ impl LayerNorm {
     }
 }
 
-/// `candle_nn::ops::layer_norm_slow` math with the epsilon kept in f64 (that function rounds it
-/// through f32, which is off by 2.5e-13 for 1e-5 and visible in F64 gradient checks).
+/// `candle_nn::ops::layer_norm_slow` math, with the epsilon kept in f64 (that function takes it
+/// as f32) so F64 runs use exactly PyTorch's 1e-5.
 pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let internal = match dtype {

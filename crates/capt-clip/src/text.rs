@@ -35,6 +35,7 @@ pub struct ClipTextTower {
     final_layer_norm: LayerNorm,
     projection: Linear,
     width: usize,
+    intermediate: usize,
     mode: Mode,
     weights_track: bool,
 }
@@ -86,6 +87,7 @@ impl ClipTextTower {
             final_layer_norm,
             projection,
             width: c.hidden_size,
+            intermediate: c.intermediate_size,
             mode: Mode::Auto,
             weights_track,
         })
@@ -149,7 +151,8 @@ impl ClipTextTower {
 
     /// Input embeddings `[B, L, W]` (position embeddings are added here) to projected features
     /// `[B, D]`, pooled at `eot_positions[b]`, causal mask as in CLIP. `deep` replaces the prompt
-    /// slots before layers `1..=deep.layers.len()`.
+    /// slots before layers `1..=deep.layers.len()`. Positions after the last EOT are not computed
+    /// (they cannot reach any EOT under the causal mask).
     pub fn forward_embeds(
         &self,
         embeds: &Tensor,
@@ -182,20 +185,41 @@ impl ClipTextTower {
         let mut inputs = vec![embeds];
         inputs.extend(deep_layers.iter());
         let fast = self.mode.is_fast(self.weights_track, &inputs);
+        let rows = (run_length(eot_positions, deep_layers, l)? * self.intermediate).max(1);
+        let per_chunk = (crate::fast::CHUNK_FLOATS / rows).max(1);
+        if !fast || b <= per_chunk {
+            return self.run(embeds, eot_positions, deep_layers, fast);
+        }
+        let mut outs = Vec::new();
+        for start in (0..b).step_by(per_chunk) {
+            let len = per_chunk.min(b - start);
+            let deep: Vec<Tensor> = deep_layers
+                .iter()
+                .map(|p| match p.rank() {
+                    3 => p.narrow(0, start, len),
+                    _ => Ok(p.clone()),
+                })
+                .collect::<Result<_>>()?;
+            outs.push(self.run(
+                &embeds.narrow(0, start, len)?,
+                &eot_positions[start..start + len],
+                &deep,
+                fast,
+            )?);
+        }
+        Tensor::cat(&outs, 0)
+    }
 
-        // Under the causal mask no position after the last EOT can reach any EOT output, so the
-        // sequence is cut there (exact; 77 -> ~20 tokens for typical prompts).
-        let n_deep = deep_layers
-            .iter()
-            .map(|p| p.dim(p.rank().saturating_sub(2)))
-            .collect::<Result<Vec<_>>>()?;
-        let l_run = eot_positions
-            .iter()
-            .map(|e| e + 1)
-            .chain(n_deep.iter().map(|n| n + 1))
-            .max()
-            .unwrap_or(l)
-            .min(l);
+    /// [`Self::forward_embeds`] on validated inputs.
+    fn run(
+        &self,
+        embeds: &Tensor,
+        eot_positions: &[usize],
+        deep_layers: &[Tensor],
+        fast: bool,
+    ) -> Result<Tensor> {
+        let (b, l, w) = embeds.dims3()?;
+        let l_run = run_length(eot_positions, deep_layers, l)?;
         let embeds = embeds.narrow(1, 0, l_run)?.to_dtype(self.dtype())?;
         let mut x = embeds.broadcast_add(&self.position_embedding.narrow(0, 0, l_run)?)?;
         let mask = causal_mask(l_run, self.dtype(), self.device())?;
@@ -266,6 +290,17 @@ impl ClipTextTower {
             eot_positions: eot_out,
         })
     }
+}
+
+/// Positions the text tower has to compute. Under the causal mask no position after the last
+/// EOT can reach any EOT output, so the sequence is cut there (exact; 77 -> ~20 tokens for
+/// typical prompts); deep prompt slots are always kept.
+fn run_length(eot_positions: &[usize], deep_layers: &[Tensor], l: usize) -> Result<usize> {
+    let mut run = eot_positions.iter().map(|e| e + 1).max().unwrap_or(l);
+    for p in deep_layers {
+        run = run.max(p.dim(p.rank().saturating_sub(2))? + 1);
+    }
+    Ok(run.min(l))
 }
 
 /// Ids in a dtype `index_select` accepts.

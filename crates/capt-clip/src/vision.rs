@@ -141,7 +141,35 @@ impl ClipVisionTower {
         let mut inputs = vec![pixels];
         inputs.extend(prompt_layers.iter());
         let fast = self.mode.is_fast(self.weights_track, &inputs);
+        let rows = ((c.num_patches() + 1) * c.intermediate_size).max(1);
+        let per_chunk = (crate::fast::CHUNK_FLOATS / rows).max(1);
+        if !fast || b <= per_chunk {
+            return self.run(pixels, prompt_layers, fast);
+        }
+        let (mut global, mut local) = (Vec::new(), Vec::new());
+        for start in (0..b).step_by(per_chunk) {
+            let len = per_chunk.min(b - start);
+            let prompts: Vec<Tensor> = prompt_layers
+                .iter()
+                .map(|p| match p.rank() {
+                    3 => p.narrow(0, start, len),
+                    _ => Ok(p.clone()),
+                })
+                .collect::<Result<_>>()?;
+            let out = self.run(&pixels.narrow(0, start, len)?, &prompts, fast)?;
+            global.push(out.global);
+            local.push(out.local);
+        }
+        Ok(VisionOutput {
+            global: Tensor::cat(&global, 0)?,
+            local: Tensor::cat(&local, 0)?,
+        })
+    }
 
+    /// [`Self::forward`] on validated inputs.
+    fn run(&self, pixels: &Tensor, prompt_layers: &[Tensor], fast: bool) -> Result<VisionOutput> {
+        let c = &self.cfg;
+        let (b, ch, _, _) = pixels.dims4()?;
         let (g, p, width) = (c.grid_size(), c.patch_size, c.hidden_size);
         let n_patch = g * g;
         // Unfold non-overlapping p x p patches to rows [B*P, C*p*p] in the conv weight's order.

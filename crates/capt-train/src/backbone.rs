@@ -36,11 +36,12 @@ impl BackboneSpec {
         }
     }
 
-    /// What `state.json` records as the backbone path.
+    /// What `state.json` records as the backbone path (absolute when it exists, so a
+    /// checkpoint finds its backbone from any working directory).
     pub fn display(&self) -> String {
         match self {
             BackboneSpec::Tiny => "tiny".into(),
-            BackboneSpec::Path(p) => p.display().to_string(),
+            BackboneSpec::Path(p) => std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string(),
         }
     }
 }

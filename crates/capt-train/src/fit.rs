@@ -437,8 +437,13 @@ pub fn checkpoint_files(
 ) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let dev = &model.backbone.device;
     let c = model.num_classes();
+    // The cache's class embeddings are the ones its tables were built with (same contexts).
+    let class_emb = match cache {
+        Some(c) => c.class_emb.clone(),
+        None => model.class_embeddings(false)?,
+    };
     let mut tables = vec![
-        ("class_emb".to_string(), model.class_embeddings(false)?),
+        ("class_emb".to_string(), class_emb),
         ("class_emb_zs".to_string(), model.zs_emb.clone()),
         (
             "text_sim".to_string(),

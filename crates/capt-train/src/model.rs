@@ -14,8 +14,8 @@ use crate::config::RunConfig;
 use crate::desc::DescEmbeddings;
 use crate::error::{Result, TrainError};
 use crate::params::ParamStore;
-use crate::prompts::{self, CTX};
-use crate::tables::{StepPairs, TableCache};
+use crate::prompts::{self, Family, COM_CTX, CTX, DIF_CTX};
+use crate::tables::{self, StepPairs, TableCache};
 
 /// Image features of a batch: `global [N, D]` (raw projected CLS) and `local [N, G, D]`.
 #[derive(Debug, Clone)]
@@ -260,6 +260,62 @@ impl Model {
         }
     }
 
+    /// The text side of a CAPT step, with gradients: class embeddings `[C, D]` and the fresh
+    /// COM `[S, D]` / DIF `[U, D]` embeddings of the step's pairs. Class and pair prompts
+    /// share one encoder pass (rows padded to one length, exact under the causal mask) when
+    /// the padding costs at most [`MERGE_WASTE_TOKENS`] tokens and no deep text prompts are
+    /// learned (they would replace the pair prompts' slots too); else two passes.
+    pub fn step_text(&self, step: &StepPairs) -> Result<(Tensor, Tensor, Tensor)> {
+        let bb = &self.backbone;
+        let empty = || Tensor::zeros((0, bb.dim()), bb.work, &bb.device);
+        if step.grad_pairs.is_empty() {
+            return Ok((self.class_embeddings(true)?, empty()?, empty()?));
+        }
+        let com_pairs = &step.grad_pairs;
+        let dif_pairs = step.dif_pairs();
+        let mut lists = tables::pair_ids(self, Family::Com, com_pairs)?;
+        lists.extend(tables::pair_ids(self, Family::Dif, &dif_pairs)?);
+        let pair_rows = bb.rows_from_ids(&lists, self.cfg.capt.sem.m_ctx)?;
+        let (c, s, u) = (self.num_classes(), com_pairs.len(), dif_pairs.len());
+        let (lc, lp) = (self.class_rows.ids.dim(1)?, pair_rows.ids.dim(1)?);
+        let l = lc.max(lp);
+        let waste = c * (l - lc) + (s + u) * (l - lp);
+        let merge = self.cfg.capt.prompt.text_depth == 1 && waste <= MERGE_WASTE_TOKENS;
+        let l = if merge { l } else { lp };
+        let pair_ids = pad_cols(&pair_rows.ids, l)?;
+        let mut groups = vec![
+            bb.text.build_prompts(&self.params.get(COM_CTX)?, &pair_ids.narrow(0, 0, s)?)?,
+            bb.text.build_prompts(&self.params.get(DIF_CTX)?, &pair_ids.narrow(0, s, u)?)?,
+        ];
+        let separate = if merge {
+            let class_ids = pad_cols(&self.class_rows.ids, l)?;
+            groups.insert(0, bb.text.build_prompts(&self.params.get(CTX)?, &class_ids)?);
+            None
+        } else {
+            Some(self.class_embeddings(true)?)
+        };
+        let embeds: Vec<&Tensor> = groups.iter().map(|g| &g.embeds).collect();
+        let eot: Vec<usize> = groups
+            .iter()
+            .flat_map(|g| g.eot_positions.iter().copied())
+            .collect();
+        let all = bb
+            .text
+            .forward_embeds(&Tensor::cat(&embeds, 0)?, &eot, None)?
+            .to_dtype(bb.work)?;
+        let (class_emb, off) = match separate {
+            Some(t) => (t, 0),
+            None => (all.narrow(0, 0, c)?, c),
+        };
+        let mut fresh_com = all.narrow(0, off, s)?;
+        let mut fresh_dif = all.narrow(0, off + s, u)?;
+        if let Some(desc) = &self.descriptions {
+            fresh_com = desc.add_to_pairs(&fresh_com, Family::Com, com_pairs)?;
+            fresh_dif = desc.add_to_pairs(&fresh_dif, Family::Dif, &dif_pairs)?;
+        }
+        Ok((class_emb, fresh_com, fresh_dif))
+    }
+
     /// Training forward pass with gradients: loss and logits of a batch.
     pub fn train_forward(
         &self,
@@ -268,12 +324,12 @@ impl Model {
         cache: Option<&TableCache>,
     ) -> Result<TrainOutput> {
         let c = &self.cfg.capt;
-        let class_emb = self.class_embeddings(true)?;
-        let kg = self.kg_loss(&class_emb)?;
         let scalar =
             |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
         match &self.head {
             None => {
+                let class_emb = self.class_embeddings(true)?;
+                let kg = self.kg_loss(&class_emb)?;
                 let z = self.base_logits(&feats.global, &class_emb)?;
                 let ce = candle_nn::loss::cross_entropy(&z, labels)?;
                 let loss = (&ce + (&kg * c.prompt.lambda_kg)?)?;
@@ -291,17 +347,25 @@ impl Model {
                 let cache = cache.ok_or_else(|| {
                     TrainError::Config("CAPT training needs the pair tables".into())
                 })?;
-                // Pick the pairs exactly as the head will (same ops on the same values), so
-                // only those are re-encoded with gradient.
-                let z_sel = self.base_logits(&feats.global.detach(), &class_emb.detach())?;
+                // The pairs to re-encode with gradient are picked before the text pass, by the
+                // head's own selection on z_base from the epoch's class embeddings (the head
+                // then selects on the current ones; a pair it picks that was not re-encoded
+                // reads the cache).
                 let cached = cache.head_tables(hc)?;
-                let sel = capt_method::head::select_pairs(&self.ops, hc, &z_sel, &cached)?;
-                let step = StepPairs::from_selection(
-                    &sel.class,
-                    &sel.partners,
-                    self.cfg.trainer.grad_pairs,
-                )?;
-                let tables = cache.spliced_tables(self, hc, &step)?;
+                let step = if hc.use_sem {
+                    let z_sel = self.base_logits(&feats.global.detach(), &cache.class_emb)?;
+                    let sel = capt_method::head::select_pairs(&self.ops, hc, &z_sel, &cached)?;
+                    StepPairs::from_selection(
+                        &sel.class,
+                        &sel.partners,
+                        self.cfg.trainer.grad_pairs,
+                    )?
+                } else {
+                    StepPairs::default()
+                };
+                let (class_emb, fresh_com, fresh_dif) = self.step_text(&step)?;
+                let kg = self.kg_loss(&class_emb)?;
+                let tables = cache.spliced_tables(hc, &step, &fresh_com, &fresh_dif)?;
                 let out = self.run_head(feats, &class_emb, &tables)?;
                 let ce = candle_nn::loss::cross_entropy(&out.logits, labels)?;
                 let ce_base = candle_nn::loss::cross_entropy(&out.base_logits, labels)?;
@@ -320,6 +384,22 @@ impl Model {
             }
         }
     }
+}
+
+/// Padding (tokens) below which the class and pair prompts of a CAPT step share one
+/// text-encoder pass. On CPU each pass has a large fixed cost (every frozen weight is read in
+/// the forward and again in the backward, where candle also forms the unused weight
+/// gradients), worth roughly this many tokens at ViT-B/16 size.
+pub const MERGE_WASTE_TOKENS: usize = 128;
+
+/// Right-pads token ids `[n, L]` with 0 to `[n, l]`.
+fn pad_cols(ids: &Tensor, l: usize) -> Result<Tensor> {
+    let (n, cur) = ids.dims2()?;
+    if cur >= l {
+        return Ok(ids.clone());
+    }
+    let pad = Tensor::zeros((n, l - cur), ids.dtype(), ids.device())?;
+    Ok(Tensor::cat(&[ids, &pad], 1)?)
 }
 
 /// Top-1 predictions of logits `[N, C]`.

@@ -18,6 +18,7 @@ use crate::error::{Result, TrainError};
 use crate::model::Model;
 use crate::prompts::{encode_with_context, Family};
 
+
 /// The pairs of one training step.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepPairs {
@@ -28,6 +29,20 @@ pub struct StepPairs {
 }
 
 impl StepPairs {
+    /// Both orders of every grad pair, deduplicated in first-seen order: the DIF prompts
+    /// to encode (`t_dif(c, j)` and `t_dif(j, c)`).
+    pub fn dif_pairs(&self) -> Vec<(usize, usize)> {
+        let mut ordered: Vec<(usize, usize)> = Vec::new();
+        for &(c, j) in &self.grad_pairs {
+            for p in [(c, j), (j, c)] {
+                if !ordered.contains(&p) {
+                    ordered.push(p);
+                }
+            }
+        }
+        ordered
+    }
+
     /// From the head's selection (`class [N]`, `partners [N, K_p]`, I64): the distinct pairs,
     /// most used first (ties: first seen), capped at `limit` (0 = no cap).
     pub fn from_selection(class: &Tensor, partners: &Tensor, limit: usize) -> Result<Self> {
@@ -61,6 +76,9 @@ impl StepPairs {
 /// Everything the head reads besides the class embeddings, for the current bank and contexts.
 #[derive(Debug, Clone)]
 pub struct TableCache {
+    /// `[C, D]` class embeddings of the contexts the tables were built with: the
+    /// approximate `z_base` that picks each step's gradient pairs before the text pass.
+    pub class_emb: Tensor,
     pub num_classes: usize,
     pub k: usize,
     /// `[C * K]` candidate partners, strongest first.
@@ -181,6 +199,7 @@ impl TableCache {
         };
         let cells = Tensor::from_vec(bank.cell_table(&cands), (c, k, 2, bank.cell_size()), dev)?;
         Ok(Self {
+            class_emb: model.class_embeddings(false)?,
             num_classes: c,
             k,
             cand_index: cands.index,
@@ -239,12 +258,14 @@ impl TableCache {
             .map(|i| c * k + i)
     }
 
-    /// The tables with the step's pairs re-encoded WITH gradient and spliced in.
+    /// The tables with the step's freshly encoded pairs spliced in: `fresh_com` `[S, D]`
+    /// for `step.grad_pairs`, `fresh_dif` `[U, D]` for `step.dif_pairs()`.
     pub fn spliced_tables(
         &self,
-        model: &Model,
         hc: &HeadConfig,
         step: &StepPairs,
+        fresh_com: &Tensor,
+        fresh_dif: &Tensor,
     ) -> Result<HeadTables<Tensor>> {
         if !hc.use_sem || step.grad_pairs.is_empty() {
             return self.head_tables(hc);
@@ -263,18 +284,9 @@ impl TableCache {
                 })
             })
             .collect::<Result<_>>()?;
-        let fresh_com = encode_pairs(model, Family::Com, &step.grad_pairs, true)?;
-        let t_com = splice(&self.t_com, &fresh_com, &com_rows, rows, dev)?;
+        let t_com = splice(&self.t_com, fresh_com, &com_rows, rows, dev)?;
         // DIF: both orders of every pair, wherever they occur in t_dif / t_dif_rev.
-        let mut ordered: Vec<(usize, usize)> = Vec::new();
-        for &(c, j) in &step.grad_pairs {
-            for p in [(c, j), (j, c)] {
-                if !ordered.contains(&p) {
-                    ordered.push(p);
-                }
-            }
-        }
-        let fresh_dif = encode_pairs(model, Family::Dif, &ordered, true)?;
+        let ordered = step.dif_pairs();
         let empty = (Vec::new(), Vec::new());
         let fwd_rows: Vec<Vec<usize>> = ordered
             .iter()
@@ -284,8 +296,8 @@ impl TableCache {
             .iter()
             .map(|p| self.dif_at.get(p).unwrap_or(&empty).1.clone())
             .collect();
-        let t_dif = splice(&self.t_dif, &fresh_dif, &fwd_rows, rows, dev)?;
-        let t_dif_rev = splice(&self.t_dif_rev, &fresh_dif, &rev_rows, rows, dev)?;
+        let t_dif = splice(&self.t_dif, fresh_dif, &fwd_rows, rows, dev)?;
+        let t_dif_rev = splice(&self.t_dif_rev, fresh_dif, &rev_rows, rows, dev)?;
         self.tables_with(hc, &t_com, &t_dif, &t_dif_rev)
     }
 
@@ -339,6 +351,7 @@ impl TableCache {
             dif_at.entry((b, a)).or_default().1.push(r);
         }
         Ok(Self {
+            class_emb: get("class_emb")?,
             num_classes: c,
             k,
             cand_index,
@@ -410,6 +423,15 @@ fn splice(
     Ok((cached.broadcast_mul(&keep)? + sel.matmul(fresh)?)?)
 }
 
+/// Token id lists (`SOT .. EOT`) of a family's pair prompts.
+pub fn pair_ids(model: &Model, family: Family, pairs: &[(usize, usize)]) -> Result<Vec<Vec<u32>>> {
+    let names = &model.classnames;
+    Ok(pairs
+        .iter()
+        .map(|&(a, b)| model.backbone.tokenizer.encode(&family.text(&names[a], &names[b])))
+        .collect::<std::result::Result<_, _>>()?)
+}
+
 /// Encodes pair prompts of `family` for `(a, b)` pairs: `[P, D]`, plus the description
 /// embeddings of the pair when a descriptions file is configured. Without `grad`, in chunks.
 pub fn encode_pairs(
@@ -421,11 +443,7 @@ pub fn encode_pairs(
     let bb = &model.backbone;
     let ctx = model.params.get_grad(family.param(), grad)?;
     let m = ctx.dim(0)?;
-    let names = &model.classnames;
-    let lists: Vec<Vec<u32>> = pairs
-        .iter()
-        .map(|&(a, b)| bb.tokenizer.encode(&family.text(&names[a], &names[b])))
-        .collect::<std::result::Result<_, _>>()?;
+    let lists = pair_ids(model, family, pairs)?;
     let chunk = if grad {
         lists.len().max(1)
     } else {

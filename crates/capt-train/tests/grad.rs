@@ -26,6 +26,8 @@ fn config(method: Method) -> RunConfig {
     c.capt.sem.k_cand = 3;
     c.capt.sem.k_pairs = 2;
     c.capt.bank.cell_size = 3;
+    // Every pair a batch uses is re-encoded with gradient (exercises the multi-pair splice).
+    c.trainer.grad_pairs = 0;
     c
 }
 
@@ -103,7 +105,8 @@ fn capt_at_init_equals_coop_exactly() {
         .to_vec2::<f32>()
         .unwrap();
     assert_eq!(a, b, "CAPT logits at init differ from CoOp's");
-    // And the training forward too (with gradient-path kernels on both sides).
+    // The training forward too. CAPT encodes its class prompts in one pass with the step's
+    // pair prompts (longer, padded rows), so equal up to float rounding there, not bitwise.
     let y = labels(8);
     let la = coop
         .train_forward(&x, &y, None)
@@ -117,7 +120,11 @@ fn capt_at_init_equals_coop_exactly() {
         .logits
         .to_vec2::<f32>()
         .unwrap();
-    assert_eq!(la, lb);
+    for (ra, rb) in la.iter().zip(&lb) {
+        for (p, q) in ra.iter().zip(rb) {
+            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+        }
+    }
 }
 
 /// Makes every CAPT path active: non-zero gains and adapter output layers (at init both are
