@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use capt_backend::{
-    check_batch, check_io_names, Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir, INPUT_NAME,
-    LOGITS_NAME, PROBS_NAME,
+    check_batch, check_io_names, Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir,
+    INPUT_NAME, LOGITS_NAME, PROBS_NAME,
 };
-use ort::ep::{ExecutionProvider, ExecutionProviderDispatch, CUDA, TensorRT};
+use ort::ep::{ExecutionProvider, ExecutionProviderDispatch, TensorRT, CUDA};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
@@ -39,7 +39,9 @@ impl std::str::FromStr for Device {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda),
             "tensorrt" | "trt" => Ok(Self::TensorRt),
-            other => Err(format!("unknown device {other:?}; use cpu, cuda or tensorrt")),
+            other => Err(format!(
+                "unknown device {other:?}; use cpu, cuda or tensorrt"
+            )),
         }
     }
 }
@@ -97,11 +99,18 @@ pub fn runtime(explicit: Option<&Path>) -> Result<Runtime, BackendError> {
         }
         return Ok(rt.clone());
     }
-    let unavailable = |reason: String| BackendError::Unavailable { engine: ENGINE, reason };
+    let unavailable = |reason: String| BackendError::Unavailable {
+        engine: ENGINE,
+        reason,
+    };
     let candidates: Vec<PathBuf> = match configured_library(explicit) {
         Some(p) => {
             if !p.is_file() {
-                let source = if explicit.is_some() { "--ort-lib" } else { DYLIB_ENV };
+                let source = if explicit.is_some() {
+                    "--ort-lib"
+                } else {
+                    DYLIB_ENV
+                };
                 return Err(unavailable(format!(
                     "ONNX Runtime library {} (from {source}) does not exist; {INSTALL_HINT}",
                     p.display()
@@ -115,11 +124,10 @@ pub fn runtime(explicit: Option<&Path>) -> Result<Runtime, BackendError> {
     for cand in &candidates {
         match ort::init_from(cand) {
             Ok(builder) => {
-                let env = builder
-                    .with_name("capt-edge")
-                    .build()
-                    .map_err(|e| unavailable(format!("cannot create the ONNX Runtime environment: {e}")))?;
-                let version = library_version();
+                let env = builder.with_name("capt-edge").build().map_err(|e| {
+                    unavailable(format!("cannot create the ONNX Runtime environment: {e}"))
+                })?;
+                let version = library_version(cand);
                 let rt = Runtime {
                     lib: cand.clone(),
                     version,
@@ -143,13 +151,24 @@ pub fn runtime(explicit: Option<&Path>) -> Result<Runtime, BackendError> {
     )))
 }
 
-/// "1.32.0" from ONNX Runtime's build string (`git-branch=rel-1.32.0, ...`), else the raw string.
-fn library_version() -> String {
-    let info = ort::info();
-    info.split([',', ' '])
-        .find_map(|part| part.strip_prefix("git-branch=rel-"))
-        .map(str::to_string)
-        .unwrap_or_else(|| info.chars().take(80).collect())
+/// The loaded library's own version string ("1.32.0"), from `OrtGetApiBase()->GetVersionString`.
+fn library_version(lib: &Path) -> String {
+    // SAFETY: `lib` was just loaded by `ort::init_from`, which checked that it exports
+    // `OrtGetApiBase`; opening it again only bumps the loader's reference count. The version
+    // string is a static NUL-terminated buffer owned by the library, which stays loaded.
+    let version = unsafe {
+        libloading::Library::new(lib).ok().and_then(|l| {
+            let get: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+                l.get(b"OrtGetApiBase").ok()?;
+            let base = get();
+            if base.is_null() {
+                return None;
+            }
+            let s = ((*base).GetVersionString)();
+            (!s.is_null()).then(|| std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned())
+        })
+    };
+    version.unwrap_or_else(|| "unknown version".into())
 }
 
 /// A loaded classifier session; created once, shared (ONNX Runtime sessions run one call at a
@@ -198,9 +217,15 @@ impl OrtBackend {
 fn ep_list(device: Device, device_id: i32) -> Vec<ExecutionProviderDispatch> {
     match device {
         Device::Cpu => vec![],
-        Device::Cuda => vec![CUDA::default().with_device_id(device_id).build().error_on_failure()],
+        Device::Cuda => vec![CUDA::default()
+            .with_device_id(device_id)
+            .build()
+            .error_on_failure()],
         Device::TensorRt => vec![
-            TensorRT::default().with_device_id(device_id).build().error_on_failure(),
+            TensorRT::default()
+                .with_device_id(device_id)
+                .build()
+                .error_on_failure(),
             // Nodes TensorRT does not take run on CUDA, as ONNX Runtime recommends.
             CUDA::default().with_device_id(device_id).build(),
         ],
@@ -233,7 +258,11 @@ fn unavailable_reason(device: Device, rt: &Runtime) -> Option<String> {
     }
 }
 
-fn create_session(rt: &Runtime, path: &Path, opts: &OrtOptions) -> Result<(Session, &'static str), BackendError> {
+fn create_session(
+    rt: &Runtime,
+    path: &Path,
+    opts: &OrtOptions,
+) -> Result<(Session, &'static str), BackendError> {
     let mut device = opts.device;
     if let Some(reason) = unavailable_reason(device, rt) {
         device = fall_back(opts, device, &reason)?;
@@ -273,7 +302,12 @@ fn load_error(path: &Path, reason: String) -> BackendError {
     }
 }
 
-fn try_session(rt: &Runtime, path: &Path, opts: &OrtOptions, device: Device) -> Result<Session, String> {
+fn try_session(
+    rt: &Runtime,
+    path: &Path,
+    opts: &OrtOptions,
+    device: Device,
+) -> Result<Session, String> {
     // SessionBuilder errors carry the builder and are !Send; keep only their message.
     let s = |e: ort::Error<SessionBuilder>| e.to_string();
     let mut builder = Session::builder(&rt.env)
@@ -295,7 +329,8 @@ fn try_session(rt: &Runtime, path: &Path, opts: &OrtOptions, device: Device) -> 
 }
 
 fn check_contract(session: &Session, path: &Path, crop: usize) -> Result<(), BackendError> {
-    let names = |v: &[ort::value::Outlet]| v.iter().map(|o| o.name().to_string()).collect::<Vec<_>>();
+    let names =
+        |v: &[ort::value::Outlet]| v.iter().map(|o| o.name().to_string()).collect::<Vec<_>>();
     check_io_names(path, &names(session.inputs()), &names(session.outputs()))?;
     let contract = |detail: String| BackendError::Contract {
         path: path.to_path_buf(),
@@ -304,10 +339,17 @@ fn check_contract(session: &Session, path: &Path, crop: usize) -> Result<(), Bac
     match session.inputs()[0].dtype() {
         ValueType::Tensor { ty, shape, .. } => {
             if *ty != TensorElementType::Float32 {
-                return Err(contract(format!("input `{INPUT_NAME}` has element type {ty}, expected float32")));
+                return Err(contract(format!(
+                    "input `{INPUT_NAME}` has element type {ty}, expected float32"
+                )));
             }
             let want = [-1, 3, crop as i64, crop as i64];
-            let ok = shape.len() == 4 && shape.iter().zip(want).skip(1).all(|(d, w)| *d == -1 || *d == w);
+            let ok = shape.len() == 4
+                && shape
+                    .iter()
+                    .zip(want)
+                    .skip(1)
+                    .all(|(d, w)| *d == -1 || *d == w);
             if !ok {
                 let shown: Vec<String> = shape
                     .iter()
@@ -319,7 +361,11 @@ fn check_contract(session: &Session, path: &Path, crop: usize) -> Result<(), Bac
                 )));
             }
         }
-        other => return Err(contract(format!("input `{INPUT_NAME}` is {other:?}, not a tensor"))),
+        other => {
+            return Err(contract(format!(
+                "input `{INPUT_NAME}` is {other:?}, not a tensor"
+            )))
+        }
     }
     Ok(())
 }
@@ -334,7 +380,10 @@ impl Backend for OrtBackend {
             0 => "default threads".to_string(),
             t => format!("{t} threads"),
         };
-        format!("onnxruntime {} ({}, {threads})", self.runtime.version, self.provider)
+        format!(
+            "onnxruntime {} ({}, {threads})",
+            self.runtime.version, self.provider
+        )
     }
 
     fn classify(&self, batch: &ImageBatch) -> Result<ClassifierOutput, BackendError> {
@@ -343,12 +392,18 @@ impl Backend for OrtBackend {
             engine: ENGINE,
             reason: e.to_string(),
         };
-        let input = TensorRef::from_array_view((batch.shape(), batch.data.as_slice())).map_err(run_err)?;
+        let input =
+            TensorRef::from_array_view((batch.shape(), batch.data.as_slice())).map_err(run_err)?;
         let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        let outputs = session.run(ort::inputs![INPUT_NAME => input]).map_err(run_err)?;
+        let outputs = session
+            .run(ort::inputs![INPUT_NAME => input])
+            .map_err(run_err)?;
         let take = |name: &str| -> Result<(Vec<usize>, Vec<f32>), BackendError> {
             let (shape, data) = outputs[name].try_extract_tensor::<f32>().map_err(run_err)?;
-            Ok((shape.iter().map(|d| (*d).max(0) as usize).collect(), data.to_vec()))
+            Ok((
+                shape.iter().map(|d| (*d).max(0) as usize).collect(),
+                data.to_vec(),
+            ))
         };
         ClassifierOutput::from_parts(ENGINE, batch.n, take(LOGITS_NAME)?, take(PROBS_NAME)?)
     }
@@ -362,7 +417,10 @@ mod tests {
     fn device_parses() {
         assert_eq!("CUDA".parse::<Device>().unwrap(), Device::Cuda);
         assert_eq!("tensorrt".parse::<Device>().unwrap(), Device::TensorRt);
-        assert!("tpu".parse::<Device>().unwrap_err().contains("cpu, cuda or tensorrt"));
+        assert!("tpu"
+            .parse::<Device>()
+            .unwrap_err()
+            .contains("cpu, cuda or tensorrt"));
         assert_eq!(Device::TensorRt.to_string(), "tensorrt");
     }
 

@@ -2,6 +2,7 @@
 //! notice, when no ONNX Runtime library is configured: set ORT_DYLIB_PATH to
 //! `.../site-packages/onnxruntime/capi/libonnxruntime.so.1.32.0` (pip install onnxruntime==1.32.0).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use capt_backend::{synthetic_batch, warm_up, Backend, ModelDir};
@@ -17,7 +18,11 @@ fn runtime_or_skip(test: &str) -> Option<()> {
     match capt_backend_ort::runtime(None) {
         Ok(_) => Some(()),
         Err(e) => {
-            eprintln!("SKIPPED {test}: no ONNX Runtime library ({e}); set ORT_DYLIB_PATH to run it");
+            // Written to the real stderr, past the test harness's capture, so the skip shows.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: no ONNX Runtime library ({e}); set ORT_DYLIB_PATH to run it"
+            );
             None
         }
     }
@@ -33,21 +38,31 @@ fn opts(device: Device, allow_fallback: bool) -> OrtOptions {
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn ort_matches_reference_and_tract() {
-    let Some(()) = runtime_or_skip("ort_matches_reference_and_tract") else { return };
+    let Some(()) = runtime_or_skip("ort_matches_reference_and_tract") else {
+        return;
+    };
     let dir = ModelDir::open(fixture().join("model")).unwrap();
     let ort = OrtBackend::load(&dir, &opts(Device::Cpu, false)).unwrap();
     assert_eq!(ort.provider(), "CPUExecutionProvider");
-    assert!(ort.describe().starts_with("onnxruntime 1."), "{}", ort.describe());
+    assert!(
+        ort.describe().starts_with("onnxruntime 1."),
+        "{}",
+        ort.describe()
+    );
     warm_up(&ort, &dir).unwrap();
     let tract = TractBackend::load(&dir, &TractOptions { threads: 1 }).unwrap();
 
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
+            .unwrap();
     let batch = synthetic_batch(3, 32);
     let a = ort.classify(&batch).unwrap();
     let b = tract.classify(&batch).unwrap();
@@ -55,10 +70,18 @@ fn ort_matches_reference_and_tract() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
         .collect();
     // Same library and graph as the Python reference: bit-for-bit up to thread scheduling.
-    assert!(max_diff(&a.probs, &want) <= 1e-6, "ort vs python onnxruntime");
+    assert!(
+        max_diff(&a.probs, &want) <= 1e-6,
+        "ort vs python onnxruntime"
+    );
     let dp = max_diff(&a.probs, &b.probs);
     let dl = max_diff(&a.logits, &b.logits);
     eprintln!("ort vs tract: max |probs diff| {dp:e}, max |logits diff| {dl:e}");
@@ -68,40 +91,69 @@ fn ort_matches_reference_and_tract() {
     // Every batch size from 1 to 8 agrees across engines.
     for n in 1..=8 {
         let x = synthetic_batch(n, 32);
-        let d = max_diff(&ort.classify(&x).unwrap().probs, &tract.classify(&x).unwrap().probs);
+        let d = max_diff(
+            &ort.classify(&x).unwrap().probs,
+            &tract.classify(&x).unwrap().probs,
+        );
         assert!(d <= 1e-5, "batch {n}: {d}");
     }
     // Real images through capt-core preprocessing.
-    for name in ["gradient_32.png", "noise_32.png", "waves_48x40.jpg", "checker_48x64.png"] {
+    for name in [
+        "gradient_32.png",
+        "noise_32.png",
+        "waves_48x40.jpg",
+        "checker_48x64.png",
+    ] {
         let x = capt_backend::ImageBatch {
-            data: dir.manifest.preprocess.preprocess_file(&fixture().join("images").join(name)).unwrap(),
+            data: dir
+                .manifest
+                .preprocess
+                .preprocess_file(&fixture().join("images").join(name))
+                .unwrap(),
             n: 1,
             height: 32,
             width: 32,
         };
-        let d = max_diff(&ort.classify(&x).unwrap().probs, &tract.classify(&x).unwrap().probs);
+        let d = max_diff(
+            &ort.classify(&x).unwrap().probs,
+            &tract.classify(&x).unwrap().probs,
+        );
         assert!(d <= 1e-5, "{name}: {d}");
     }
 }
 
 #[test]
 fn ort_checks_the_contract() {
-    let Some(()) = runtime_or_skip("ort_checks_the_contract") else { return };
+    let Some(()) = runtime_or_skip("ort_checks_the_contract") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let onnx = std::fs::read(fixture().join("bad_io/classifier.onnx")).unwrap();
     std::fs::write(tmp.path().join("classifier.onnx"), &onnx).unwrap();
     let mut m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("model/capt.json")).unwrap()).unwrap();
-    m["files"]["classifier"]["sha256"] = capt_backend::sha256_file(&tmp.path().join("classifier.onnx")).unwrap().into();
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("model/capt.json")).unwrap())
+            .unwrap();
+    m["files"]["classifier"]["sha256"] =
+        capt_backend::sha256_file(&tmp.path().join("classifier.onnx"))
+            .unwrap()
+            .into();
     std::fs::write(tmp.path().join("capt.json"), m.to_string()).unwrap();
     let dir = ModelDir::open(tmp.path()).unwrap();
-    let err = OrtBackend::load(&dir, &opts(Device::Cpu, false)).err().unwrap().to_string();
-    assert!(err.contains("pixel_values") && err.contains("re-export"), "{err}");
+    let err = OrtBackend::load(&dir, &opts(Device::Cpu, false))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("pixel_values") && err.contains("re-export"),
+        "{err}"
+    );
 }
 
 #[test]
 fn gpu_request_fails_clearly_or_falls_back_when_allowed() {
-    let Some(()) = runtime_or_skip("gpu_request_fails_clearly_or_falls_back_when_allowed") else { return };
+    let Some(()) = runtime_or_skip("gpu_request_fails_clearly_or_falls_back_when_allowed") else {
+        return;
+    };
     let dir = ModelDir::open(fixture().join("model")).unwrap();
     for device in [Device::Cuda, Device::TensorRt] {
         match OrtBackend::load(&dir, &opts(device, false)) {
@@ -109,7 +161,10 @@ fn gpu_request_fails_clearly_or_falls_back_when_allowed() {
             Ok(b) => assert_ne!(b.provider(), "CPUExecutionProvider"),
             Err(e) => {
                 let e = e.to_string();
-                assert!(e.contains(&format!("--device {device}")) && e.contains("--allow-fallback"), "{e}");
+                assert!(
+                    e.contains(&format!("--device {device}")) && e.contains("--allow-fallback"),
+                    "{e}"
+                );
                 let b = OrtBackend::load(&dir, &opts(device, true)).unwrap();
                 assert_eq!(b.provider(), "CPUExecutionProvider");
                 assert_eq!(b.classify(&synthetic_batch(1, 32)).unwrap().classes, 5);

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use capt_backend::{
-    check_batch, check_io_names, Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir, INPUT_NAME,
-    LOGITS_NAME, PROBS_NAME,
+    check_batch, check_io_names, Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir,
+    INPUT_NAME, LOGITS_NAME, PROBS_NAME,
 };
 use tract_linalg::multithread::Executor;
 use tract_onnx::pb;
@@ -61,7 +61,9 @@ impl TractBackend {
         graph.select_output_outlets(&outlets).map_err(load_err)?;
 
         let threads = match opts.threads {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             t => t,
         };
         let executor = if threads > 1 {
@@ -89,7 +91,11 @@ impl TractBackend {
             .and_then(|m| m.into_runnable_with_options(&options))
             .map_err(load_err)?;
         tracing::info!(path = %path.display(), threads, "tract plan ready");
-        Ok(Self { plan, crop, threads })
+        Ok(Self {
+            plan,
+            crop,
+            threads,
+        })
     }
 
     /// Matmul threads the plan runs with.
@@ -156,16 +162,25 @@ fn check_contract(proto: &pb::ModelProto, path: &Path, crop: usize) -> Result<()
         .graph
         .as_ref()
         .ok_or_else(|| contract("the file has no graph".into()))?;
-    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let inputs: Vec<&pb::ValueInfoProto> = graph
         .input
         .iter()
         .filter(|i| !initializers.contains(i.name.as_str()))
         .collect();
-    let names = |v: &mut dyn Iterator<Item = &pb::ValueInfoProto>| v.map(|i| i.name.clone()).collect::<Vec<_>>();
-    check_io_names(path, &names(&mut inputs.iter().copied()), &names(&mut graph.output.iter()))?;
+    let names = |v: &mut dyn Iterator<Item = &pb::ValueInfoProto>| {
+        v.map(|i| i.name.clone()).collect::<Vec<_>>()
+    };
+    check_io_names(
+        path,
+        &names(&mut inputs.iter().copied()),
+        &names(&mut graph.output.iter()),
+    )?;
 
-    let Some(pb::type_proto::Value::TensorType(t)) = inputs[0].r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+    let Some(pb::type_proto::Value::TensorType(t)) =
+        inputs[0].r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
         return Err(contract(format!("input `{INPUT_NAME}` is not a tensor")));
     };
     if t.elem_type != pb::tensor_proto::DataType::Float as i32 {
@@ -184,7 +199,12 @@ fn check_contract(proto: &pb::ModelProto, path: &Path, crop: usize) -> Result<()
             })
             .collect();
         let want = [None, Some(3), Some(crop as i64), Some(crop as i64)];
-        let ok = dims.len() == 4 && dims.iter().zip(&want).skip(1).all(|(d, w)| d.is_none() || d == w);
+        let ok = dims.len() == 4
+            && dims
+                .iter()
+                .zip(&want)
+                .skip(1)
+                .all(|(d, w)| d.is_none() || d == w);
         if !ok {
             let shown: Vec<String> = dims
                 .iter()

@@ -27,7 +27,10 @@ pub enum BackendError {
     #[error("{path} breaks the classifier contract: {detail}; re-export it with the capt exporter (input `pixel_values` f32 [N,3,H,W], outputs `logits` and `probs` f32 [N,C])")]
     Contract { path: PathBuf, detail: String },
     #[error("{engine} is not available: {reason}")]
-    Unavailable { engine: &'static str, reason: String },
+    Unavailable {
+        engine: &'static str,
+        reason: String,
+    },
     #[error("input batch has shape {got:?} but the model takes [N,3,{height},{width}]")]
     InputShape {
         got: [usize; 4],
@@ -35,7 +38,10 @@ pub enum BackendError {
         width: usize,
     },
     #[error("{engine} inference failed: {reason}")]
-    Run { engine: &'static str, reason: String },
+    Run {
+        engine: &'static str,
+        reason: String,
+    },
 }
 
 /// Class scores of a batch, row-major [n, classes].
@@ -117,7 +123,10 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
 /// Checks a batch has the model's [N,3,crop,crop] shape and consistent data length.
 pub fn check_batch(batch: &ImageBatch, crop: usize) -> Result<(), BackendError> {
     let shape = batch.shape();
-    if batch.height != crop || batch.width != crop || batch.data.len() != shape.iter().product::<usize>() || batch.n == 0
+    if batch.height != crop
+        || batch.width != crop
+        || batch.data.len() != shape.iter().product::<usize>()
+        || batch.n == 0
     {
         return Err(BackendError::InputShape {
             got: shape,
@@ -129,17 +138,25 @@ pub fn check_batch(batch: &ImageBatch, crop: usize) -> Result<(), BackendError> 
 }
 
 /// Checks graph input/output names against the contract; `inputs`/`outputs` are the graph's.
-pub fn check_io_names(path: &std::path::Path, inputs: &[String], outputs: &[String]) -> Result<(), BackendError> {
+pub fn check_io_names(
+    path: &std::path::Path,
+    inputs: &[String],
+    outputs: &[String],
+) -> Result<(), BackendError> {
     let contract = |detail: String| BackendError::Contract {
         path: path.to_path_buf(),
         detail,
     };
     if inputs.len() != 1 || inputs[0] != INPUT_NAME {
-        return Err(contract(format!("inputs are {inputs:?}, expected [\"{INPUT_NAME}\"]")));
+        return Err(contract(format!(
+            "inputs are {inputs:?}, expected [\"{INPUT_NAME}\"]"
+        )));
     }
     for want in [LOGITS_NAME, PROBS_NAME] {
         if !outputs.iter().any(|o| o == want) {
-            return Err(contract(format!("outputs are {outputs:?}, `{want}` is missing")));
+            return Err(contract(format!(
+                "outputs are {outputs:?}, `{want}` is missing"
+            )));
         }
     }
     Ok(())
@@ -214,18 +231,43 @@ mod tests {
         let p = std::path::Path::new("m/classifier.onnx");
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         check_io_names(p, &s(&["pixel_values"]), &s(&["logits", "probs"])).unwrap();
-        let e = check_io_names(p, &s(&["x"]), &s(&["logits", "probs"])).unwrap_err().to_string();
-        assert!(e.contains("m/classifier.onnx") && e.contains("pixel_values"), "{e}");
-        let e = check_io_names(p, &s(&["pixel_values"]), &s(&["logits"])).unwrap_err().to_string();
+        let e = check_io_names(p, &s(&["x"]), &s(&["logits", "probs"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/classifier.onnx") && e.contains("pixel_values"),
+            "{e}"
+        );
+        let e = check_io_names(p, &s(&["pixel_values"]), &s(&["logits"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`probs` is missing"), "{e}");
     }
 
     #[test]
     fn output_shapes_are_checked() {
-        let ok = ClassifierOutput::from_parts("t", 2, (vec![2, 3], vec![0.0; 6]), (vec![2, 3], vec![0.0; 6])).unwrap();
+        let ok = ClassifierOutput::from_parts(
+            "t",
+            2,
+            (vec![2, 3], vec![0.0; 6]),
+            (vec![2, 3], vec![0.0; 6]),
+        )
+        .unwrap();
         assert_eq!(ok.logits_row(1).len(), 3);
-        assert!(ClassifierOutput::from_parts("t", 2, (vec![2, 3], vec![0.0; 6]), (vec![2, 2], vec![0.0; 4])).is_err());
-        assert!(ClassifierOutput::from_parts("t", 1, (vec![2, 3], vec![0.0; 6]), (vec![2, 3], vec![0.0; 6])).is_err());
+        assert!(ClassifierOutput::from_parts(
+            "t",
+            2,
+            (vec![2, 3], vec![0.0; 6]),
+            (vec![2, 2], vec![0.0; 4])
+        )
+        .is_err());
+        assert!(ClassifierOutput::from_parts(
+            "t",
+            1,
+            (vec![2, 3], vec![0.0; 6]),
+            (vec![2, 3], vec![0.0; 6])
+        )
+        .is_err());
     }
 
     #[test]

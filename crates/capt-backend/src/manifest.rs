@@ -61,7 +61,9 @@ pub struct FileEntry {
 pub enum ModelDirError {
     #[error("model directory {dir} does not exist or is not a directory; pass the folder the exporter wrote (it contains {MANIFEST_FILE})")]
     NotADir { dir: PathBuf },
-    #[error("{path} is missing; the model directory must contain the manifest written by the exporter")]
+    #[error(
+        "{path} is missing; the model directory must contain the manifest written by the exporter"
+    )]
     MissingManifest { path: PathBuf },
     #[error("cannot read {path}: {source}")]
     Io {
@@ -73,7 +75,9 @@ pub enum ModelDirError {
     BadManifest { path: PathBuf, reason: String },
     #[error("{path} has format_version {found}, this runtime reads version {FORMAT_VERSION}; re-export the model or upgrade capt-edge")]
     FormatVersion { path: PathBuf, found: u32 },
-    #[error("the manifest lists {role} file {path} but it is missing; copy the whole model directory")]
+    #[error(
+        "the manifest lists {role} file {path} but it is missing; copy the whole model directory"
+    )]
     MissingFile { role: &'static str, path: PathBuf },
     #[error("{role} file {path} has sha256 {actual} but the manifest expects {expected}; the file is corrupt or from another export, copy the directory again")]
     HashMismatch {
@@ -120,11 +124,21 @@ impl ModelDir {
 
     /// Short content-derived version: the first 12 hex digits of the classifier's sha256.
     pub fn version(&self) -> String {
-        self.manifest.files.classifier.sha256.chars().take(12).collect()
+        self.manifest
+            .files
+            .classifier
+            .sha256
+            .chars()
+            .take(12)
+            .collect()
     }
 
     /// Checks that `entry` exists under the root and hashes to its recorded sha256.
-    pub fn verify_file(&self, role: &'static str, entry: &FileEntry) -> Result<PathBuf, ModelDirError> {
+    pub fn verify_file(
+        &self,
+        role: &'static str,
+        entry: &FileEntry,
+    ) -> Result<PathBuf, ModelDirError> {
         let path = self.root.join(&entry.path);
         if !path.is_file() {
             return Err(ModelDirError::MissingFile { role, path });
@@ -187,7 +201,9 @@ impl Manifest {
         if p.crop > 4096 || p.resize_shorter > 4096 {
             return Err("`preprocess` sizes above 4096 px are not supported".into());
         }
-        if p.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || p.mean.iter().any(|m| !m.is_finite()) {
+        if p.std.iter().any(|s| !s.is_finite() || *s <= 0.0)
+            || p.mean.iter().any(|m| !m.is_finite())
+        {
             return Err("`preprocess.std` must be positive and `preprocess.mean` finite".into());
         }
         if p.interpolation != "bicubic" {
@@ -198,12 +214,19 @@ impl Manifest {
         }
         let mut entries = vec![("classifier", &self.files.classifier)];
         entries.extend(self.files.text_encoder.iter().map(|e| ("text_encoder", e)));
-        entries.extend(self.files.image_encoder.iter().map(|e| ("image_encoder", e)));
+        entries.extend(
+            self.files
+                .image_encoder
+                .iter()
+                .map(|e| ("image_encoder", e)),
+        );
         for (role, e) in entries {
             let rel = Path::new(&e.path);
             if e.path.is_empty()
                 || rel.is_absolute()
-                || rel.components().any(|c| matches!(c, std::path::Component::ParentDir))
+                || rel
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
             {
                 return Err(format!(
                     "`files.{role}.path` {:?} must be a relative path inside the model directory",
@@ -266,7 +289,11 @@ mod tests {
     fn write_dir(m: &Manifest, onnx: &[u8]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("classifier.onnx"), onnx).unwrap();
-        std::fs::write(dir.path().join(MANIFEST_FILE), serde_json::to_string(m).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join(MANIFEST_FILE),
+            serde_json::to_string(m).unwrap(),
+        )
+        .unwrap();
         dir
     }
 
@@ -290,7 +317,10 @@ mod tests {
         let m = with_hash(sample(), b"graph");
         let d = write_dir(&m, b"tampered");
         let e = ModelDir::open(d.path()).unwrap_err().to_string();
-        assert!(e.contains("classifier.onnx") && e.contains("copy the directory again"), "{e}");
+        assert!(
+            e.contains("classifier.onnx") && e.contains("copy the directory again"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -302,8 +332,13 @@ mod tests {
         let d = write_dir(&m, b"graph");
         std::fs::remove_file(d.path().join("classifier.onnx")).unwrap();
         let e = ModelDir::open(d.path()).unwrap_err().to_string();
-        assert!(e.contains("classifier file") && e.contains("missing"), "{e}");
-        let e = ModelDir::open(d.path().join("nope")).unwrap_err().to_string();
+        assert!(
+            e.contains("classifier file") && e.contains("missing"),
+            "{e}"
+        );
+        let e = ModelDir::open(d.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
     }
 
@@ -312,7 +347,9 @@ mod tests {
         let p = Path::new("capt.json");
         let mut v = serde_json::to_value(with_hash(sample(), b"g")).unwrap();
         v["format_version"] = 2.into();
-        let e = Manifest::from_json(&v.to_string(), p).unwrap_err().to_string();
+        let e = Manifest::from_json(&v.to_string(), p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("format_version 2"), "{e}");
 
         let mut m = with_hash(sample(), b"g");

@@ -49,7 +49,9 @@ pub struct BatchReply {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BatchError {
-    #[error("the request queue is full ({depth} images waiting, capacity {capacity}); retry shortly")]
+    #[error(
+        "the request queue is full ({depth} images waiting, capacity {capacity}); retry shortly"
+    )]
     QueueFull { depth: usize, capacity: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -89,7 +91,12 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the worker threads. `crop` is the model's input side.
-    pub fn start(backend: Arc<dyn Backend>, crop: usize, cfg: BatchConfig, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        crop: usize,
+        cfg: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -127,7 +134,11 @@ impl Batcher {
     }
 
     /// Queues `n` preprocessed images (NCHW). Never blocks: refuses when the queue is full.
-    pub fn submit(&self, pixels: Vec<f32>, n: usize) -> Result<oneshot::Receiver<Result<BatchReply, BatchError>>, BatchError> {
+    pub fn submit(
+        &self,
+        pixels: Vec<f32>,
+        n: usize,
+    ) -> Result<oneshot::Receiver<Result<BatchReply, BatchError>>, BatchError> {
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
         if st.closed {
@@ -167,7 +178,8 @@ impl Batcher {
     pub fn shutdown(&self) {
         self.lock().closed = true;
         self.shared.wake.notify_all();
-        let handles: Vec<_> = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let handles: Vec<_> =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         for h in handles {
             let _ = h.join();
         }
@@ -291,7 +303,8 @@ fn run_chunks(s: &Shared, data: Vec<f32>, n: usize) -> Result<ClassifierOutput, 
             height: s.crop,
             width: s.crop,
         };
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.backend.classify(&batch)));
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.backend.classify(&batch)));
         let part = match r {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => return Err(BatchError::Backend(e.to_string())),
@@ -358,7 +371,9 @@ mod tests {
             ..Default::default()
         };
         let (echo, b) = start(0, cfg);
-        let rxs: Vec<_> = (0..4).map(|i| b.submit(img(10.0 * i as f32, 2), 2).unwrap()).collect();
+        let rxs: Vec<_> = (0..4)
+            .map(|i| b.submit(img(10.0 * i as f32, 2), 2).unwrap())
+            .collect();
         for (i, rx) in rxs.into_iter().enumerate() {
             let r = rx.blocking_recv().unwrap().unwrap();
             assert_eq!(r.output.probs, vec![10.0 * i as f32, 10.0 * i as f32 + 1.0]);
@@ -382,10 +397,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         let q1 = b.submit(img(2.0, 1), 1).unwrap();
         let q2 = b.submit(img(3.0, 1), 1).unwrap();
-        assert!(matches!(b.submit(img(4.0, 1), 1), Err(BatchError::QueueFull { depth: 2, .. })));
+        assert!(matches!(
+            b.submit(img(4.0, 1), 1),
+            Err(BatchError::QueueFull { depth: 2, .. })
+        ));
         assert_eq!(b.depth(), 2);
         b.shutdown();
-        assert!(matches!(b.submit(img(5.0, 1), 1), Err(BatchError::ShuttingDown)));
+        assert!(matches!(
+            b.submit(img(5.0, 1), 1),
+            Err(BatchError::ShuttingDown)
+        ));
         for (rx, v) in [(first, 1.0), (q1, 2.0), (q2, 3.0)] {
             assert_eq!(rx.blocking_recv().unwrap().unwrap().output.probs, vec![v]);
         }
@@ -401,7 +422,12 @@ mod tests {
             workers: 2,
         };
         let (echo, b) = start(0, cfg);
-        let r = b.submit(img(0.0, 5), 5).unwrap().blocking_recv().unwrap().unwrap();
+        let r = b
+            .submit(img(0.0, 5), 5)
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
         assert_eq!(r.output.probs, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
         assert_eq!(*echo.calls.lock().unwrap(), vec![2, 2, 1]);
         b.shutdown();

@@ -18,7 +18,10 @@ pub fn mark_process_start() {
 }
 
 fn since_start() -> f64 {
-    PROCESS_START.get_or_init(Instant::now).elapsed().as_secs_f64()
+    PROCESS_START
+        .get_or_init(Instant::now)
+        .elapsed()
+        .as_secs_f64()
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -152,7 +155,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
 pub fn print_table(r: &BenchReport, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     writeln!(out, "model {}  backend {}", r.model, r.backend)?;
-    writeln!(out, "cold start {:.1} ms (load + warm-up {:.1} ms)", r.cold_start_ms, r.load_ms)?;
+    writeln!(
+        out,
+        "cold start {:.1} ms (load + warm-up {:.1} ms)",
+        r.cold_start_ms, r.load_ms
+    )?;
     writeln!(
         out,
         "{:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12}",

@@ -72,14 +72,17 @@ pub fn expand_inputs(items: &[String]) -> anyhow::Result<Vec<Source>> {
         } else if p.is_file() {
             out.push(Source::File(p.to_path_buf()));
         } else {
-            anyhow::bail!("{item} does not exist (expected an image file, a folder or `-` for stdin)");
+            anyhow::bail!(
+                "{item} does not exist (expected an image file, a folder or `-` for stdin)"
+            );
         }
     }
     Ok(out)
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot list folder {}: {e}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot list folder {}: {e}", dir.display()))?;
     for entry in entries {
         let path = entry?.path();
         if path.is_dir() {
@@ -100,7 +103,11 @@ pub fn run(args: &ClassifyArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
     anyhow::ensure!(args.top_k >= 1, "--top-k must be at least 1");
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     let sources = expand_inputs(&args.images)?;
-    anyhow::ensure!(!sources.is_empty(), "no images found in {}", args.images.join(" "));
+    anyhow::ensure!(
+        !sources.is_empty(),
+        "no images found in {}",
+        args.images.join(" ")
+    );
     let engine = Engine::load(&args.model, &args.engine)?;
     let pre = engine.model.manifest.preprocess.clone();
     let names = &engine.model.manifest.class_names;
@@ -152,7 +159,10 @@ pub fn run(args: &ClassifyArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
                     .collect();
                 writeln!(out, "{}", json!({"image": name, "top_k": labels}))?;
             } else {
-                let labels: Vec<String> = top.iter().map(|(c, p)| format!("{} ({p:.4})", names[*c])).collect();
+                let labels: Vec<String> = top
+                    .iter()
+                    .map(|(c, p)| format!("{} ({p:.4})", names[*c]))
+                    .collect();
                 writeln!(out, "{name}: {}", labels.join(", "))?;
             }
         }
@@ -190,7 +200,9 @@ mod tests {
             })
             .collect();
         assert_eq!(names, ["a.jpg", "b.PNG", "sub/c.webp", "-"]);
-        let e = expand_inputs(&["/no/such/file.jpg".into()]).unwrap_err().to_string();
+        let e = expand_inputs(&["/no/such/file.jpg".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/no/such/file.jpg does not exist"), "{e}");
         assert!(expand_inputs(&["-".into(), "-".into()]).is_err());
     }

@@ -12,7 +12,11 @@ use crate::loadtest::LoadtestArgs;
 use crate::server::ServerConfig;
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "capt-edge", version, about = "Serve and run exported capt image classifiers on tract or ONNX Runtime")]
+#[command(
+    name = "capt-edge",
+    version,
+    about = "Serve and run exported capt image classifiers on tract or ONNX Runtime"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -80,14 +84,21 @@ impl ServeArgs {
     pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
         anyhow::ensure!(self.max_batch >= 1, "--max-batch must be at least 1");
         anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
-        anyhow::ensure!(self.queue_capacity >= 1, "--queue-capacity must be at least 1");
+        anyhow::ensure!(
+            self.queue_capacity >= 1,
+            "--queue-capacity must be at least 1"
+        );
         anyhow::ensure!(self.max_images >= 1, "--max-images must be at least 1");
         anyhow::ensure!(self.top_k >= 1, "--top-k must be at least 1");
-        anyhow::ensure!(self.request_timeout_ms >= 1, "--request-timeout-ms must be at least 1");
+        anyhow::ensure!(
+            self.request_timeout_ms >= 1,
+            "--request-timeout-ms must be at least 1"
+        );
         let api_key = match &self.api_key_file {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| anyhow::anyhow!("cannot read --api-key-file {}: {e}", p.display()))?;
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    anyhow::anyhow!("cannot read --api-key-file {}: {e}", p.display())
+                })?;
                 Some(text.lines().next().unwrap_or("").trim().to_string())
             }
             None => self.api_key.clone(),
@@ -123,11 +134,24 @@ mod tests {
     #[test]
     fn parses_serve_flags() {
         let cli = Cli::try_parse_from([
-            "capt-edge", "serve", "--model", "m", "--max-batch", "4", "--backend", "ort", "--device", "cuda",
-            "--allow-fallback", "--api-key", "0123456789",
+            "capt-edge",
+            "serve",
+            "--model",
+            "m",
+            "--max-batch",
+            "4",
+            "--backend",
+            "ort",
+            "--device",
+            "cuda",
+            "--allow-fallback",
+            "--api-key",
+            "0123456789",
         ])
         .unwrap();
-        let Command::Serve(s) = cli.command else { panic!("not serve") };
+        let Command::Serve(s) = cli.command else {
+            panic!("not serve")
+        };
         let cfg = s.server_config().unwrap();
         assert_eq!(cfg.batch.max_batch, 4);
         assert_eq!(cfg.api_key.as_deref(), Some("0123456789"));
@@ -136,9 +160,18 @@ mod tests {
 
     #[test]
     fn rejects_short_key_and_bad_device() {
-        let cli = Cli::try_parse_from(["capt-edge", "serve", "--model", "m", "--api-key", "abc"]).unwrap();
-        let Command::Serve(s) = cli.command else { panic!("not serve") };
-        assert!(s.server_config().unwrap_err().to_string().contains("at least 8"));
-        assert!(Cli::try_parse_from(["capt-edge", "bench", "--model", "m", "--device", "tpu"]).is_err());
+        let cli = Cli::try_parse_from(["capt-edge", "serve", "--model", "m", "--api-key", "abc"])
+            .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(s
+            .server_config()
+            .unwrap_err()
+            .to_string()
+            .contains("at least 8"));
+        assert!(
+            Cli::try_parse_from(["capt-edge", "bench", "--model", "m", "--device", "tpu"]).is_err()
+        );
     }
 }

@@ -83,8 +83,14 @@ impl Client {
         self.send("GET", path, None, Bytes::new()).await
     }
 
-    pub async fn post(&mut self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Result<Reply, ClientError> {
-        self.send("POST", path, Some(content_type), body.into()).await
+    pub async fn post(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, ClientError> {
+        self.send("POST", path, Some(content_type), body.into())
+            .await
     }
 
     pub async fn send(
@@ -109,6 +115,10 @@ impl Client {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok(Reply { status, headers, body })
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
     }
 }

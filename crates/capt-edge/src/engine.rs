@@ -79,7 +79,12 @@ impl Engine {
                         reason: "tract runs on the CPU only; use --backend ort --device cuda|tensorrt for a GPU".into(),
                     });
                 }
-                Arc::new(TractBackend::load(&model, &TractOptions { threads: args.threads })?)
+                Arc::new(TractBackend::load(
+                    &model,
+                    &TractOptions {
+                        threads: args.threads,
+                    },
+                )?)
             }
             BackendKind::Ort => load_ort(&model, args)?,
         };

@@ -5,9 +5,9 @@
 
 use std::io::Cursor;
 
-use capt_core::{PreprocessConfig, PreprocessError};
 /// Re-exported for callers building [`NamedImage`]s.
 pub use bytes::Bytes;
+use capt_core::{PreprocessConfig, PreprocessError};
 
 /// Limits on what a request may contain.
 #[derive(Debug, Clone)]
@@ -66,7 +66,9 @@ impl InputError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Empty { .. } => "empty_image",
-            Self::TooManyPixels { .. } | Self::Image(PreprocessError::TooLarge { .. }) => "image_too_large",
+            Self::TooManyPixels { .. } | Self::Image(PreprocessError::TooLarge { .. }) => {
+                "image_too_large"
+            }
             Self::TooManyImages { .. } => "too_many_images",
             Self::NoImages => "no_images",
             Self::Multipart(_) => "bad_multipart",
@@ -100,7 +102,9 @@ pub fn decode_one(
     pre: &PreprocessConfig,
 ) -> Result<Vec<f32>, InputError> {
     if bytes.is_empty() {
-        return Err(InputError::Empty { name: name.to_string() });
+        return Err(InputError::Empty {
+            name: name.to_string(),
+        });
     }
     // Header-only look at the size, so a small file that claims a huge canvas (a PNG bomb)
     // is refused before a decoder allocates for it.
@@ -122,7 +126,11 @@ pub fn decode_one(
 }
 
 /// Decodes all images of a request into one NCHW buffer.
-pub fn decode_all(images: &[NamedImage], limits: &InputLimits, pre: &PreprocessConfig) -> Result<Decoded, InputError> {
+pub fn decode_all(
+    images: &[NamedImage],
+    limits: &InputLimits,
+    pre: &PreprocessConfig,
+) -> Result<Decoded, InputError> {
     check_count(images.len(), limits)?;
     let per = 3 * (pre.crop as usize) * (pre.crop as usize);
     let mut pixels = Vec::with_capacity(per * images.len());
@@ -170,7 +178,9 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, InputError> {
             .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
             .map(|(_, v)| v.trim().trim_matches('"').to_string())
             .filter(|b| !b.is_empty() && b.len() <= 200)
-            .ok_or_else(|| InputError::Multipart("multipart/form-data without a boundary parameter".into()))?;
+            .ok_or_else(|| {
+                InputError::Multipart("multipart/form-data without a boundary parameter".into())
+            })?;
         return Ok(BodyKind::Multipart { boundary });
     }
     if mime.starts_with("image/") || mime == "application/octet-stream" {
@@ -182,7 +192,11 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, InputError> {
 /// Splits a complete multipart/form-data body into its non-empty parts, in order. Kept
 /// synchronous and allocation-bounded (the body is already limited in size) so the fuzz
 /// target can drive it; parts without a filename use their field name.
-pub fn split_multipart(body: &[u8], boundary: &str, limits: &InputLimits) -> Result<Vec<NamedImage>, InputError> {
+pub fn split_multipart(
+    body: &[u8],
+    boundary: &str,
+    limits: &InputLimits,
+) -> Result<Vec<NamedImage>, InputError> {
     let bad = |m: &str| InputError::Multipart(m.to_string());
     let delim = format!("--{boundary}");
     let delim = delim.as_bytes();
@@ -193,13 +207,17 @@ pub fn split_multipart(body: &[u8], boundary: &str, limits: &InputLimits) -> Res
         if body[pos..].starts_with(b"--") {
             break; // closing delimiter
         }
-        pos = skip_line_end(body, pos).ok_or_else(|| bad("boundary not followed by a line break"))?;
-        let head_end = find(body, b"\r\n\r\n", pos).ok_or_else(|| bad("part headers not terminated"))?;
-        let headers = std::str::from_utf8(&body[pos..head_end]).map_err(|_| bad("part headers are not UTF-8"))?;
+        pos =
+            skip_line_end(body, pos).ok_or_else(|| bad("boundary not followed by a line break"))?;
+        let head_end =
+            find(body, b"\r\n\r\n", pos).ok_or_else(|| bad("part headers not terminated"))?;
+        let headers = std::str::from_utf8(&body[pos..head_end])
+            .map_err(|_| bad("part headers are not UTF-8"))?;
         let content_start = head_end + 4;
         let mut end_delim = b"\r\n".to_vec();
         end_delim.extend_from_slice(delim);
-        let content_end = find(body, &end_delim, content_start).ok_or_else(|| bad("part not closed by a boundary"))?;
+        let content_end = find(body, &end_delim, content_start)
+            .ok_or_else(|| bad("part not closed by a boundary"))?;
         let name = part_name(headers).unwrap_or_else(|| format!("part #{}", out.len()));
         let content = &body[content_start..content_end];
         if !content.is_empty() {
@@ -224,7 +242,10 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if needle.is_empty() || from > hay.len() {
         return None;
     }
-    hay[from..].windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
 }
 
 fn skip_line_end(body: &[u8], pos: usize) -> Option<usize> {
@@ -240,7 +261,10 @@ fn skip_line_end(body: &[u8], pos: usize) -> Option<usize> {
 fn part_name(headers: &str) -> Option<String> {
     let disp = headers
         .split("\r\n")
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-disposition")))?
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-disposition"))
+        })?
         .1;
     let param = |key: &str| {
         disp.split(';').find_map(|p| {
@@ -250,7 +274,9 @@ fn part_name(headers: &str) -> Option<String> {
                 .then(|| v.trim().trim_matches('"').to_string())
         })
     };
-    param("filename").or_else(|| param("name")).filter(|s| !s.is_empty())
+    param("filename")
+        .or_else(|| param("name"))
+        .filter(|s| !s.is_empty())
 }
 
 /// Builds a multipart/form-data body with one file part per image; returns the content type
@@ -261,7 +287,8 @@ pub fn multipart_body(files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
     for (i, (name, bytes)) in files.iter().enumerate() {
         body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
         body.extend_from_slice(
-            format!("Content-Disposition: form-data; name=\"image{i}\"; filename=\"{name}\"\r\n").as_bytes(),
+            format!("Content-Disposition: form-data; name=\"image{i}\"; filename=\"{name}\"\r\n")
+                .as_bytes(),
         );
         body.extend_from_slice(b"Content-Type: application/octet-stream\r\n\r\n");
         body.extend_from_slice(bytes);
@@ -288,10 +315,18 @@ mod tests {
         assert_eq!(body_kind(Some("image/jpeg")).unwrap(), BodyKind::Raw);
         assert_eq!(
             body_kind(Some("multipart/form-data; boundary=\"abc\"")).unwrap(),
-            BodyKind::Multipart { boundary: "abc".into() }
+            BodyKind::Multipart {
+                boundary: "abc".into()
+            }
         );
-        assert_eq!(body_kind(Some("application/json")).unwrap_err().status(), 415);
-        assert_eq!(body_kind(Some("multipart/form-data")).unwrap_err().status(), 400);
+        assert_eq!(
+            body_kind(Some("application/json")).unwrap_err().status(),
+            415
+        );
+        assert_eq!(
+            body_kind(Some("multipart/form-data")).unwrap_err().status(),
+            400
+        );
     }
 
     #[test]
@@ -310,8 +345,15 @@ mod tests {
             max_images: 1,
             ..Default::default()
         };
-        assert_eq!(split_multipart(&body, &boundary, &limits).unwrap_err().status(), 413);
-        assert!(split_multipart(&body[..body.len() / 2], &boundary, &InputLimits::default()).is_err());
+        assert_eq!(
+            split_multipart(&body, &boundary, &limits)
+                .unwrap_err()
+                .status(),
+            413
+        );
+        assert!(
+            split_multipart(&body[..body.len() / 2], &boundary, &InputLimits::default()).is_err()
+        );
         assert!(split_multipart(b"", &boundary, &InputLimits::default()).is_err());
     }
 
@@ -322,8 +364,16 @@ mod tests {
             max_pixels: 100,
             max_images: 4,
         };
-        assert_eq!(decode_one(b"", "x", &l, &pre).unwrap_err().code(), "empty_image");
-        assert_eq!(decode_one(b"hello world", "x", &l, &pre).unwrap_err().status(), 400);
+        assert_eq!(
+            decode_one(b"", "x", &l, &pre).unwrap_err().code(),
+            "empty_image"
+        );
+        assert_eq!(
+            decode_one(b"hello world", "x", &l, &pre)
+                .unwrap_err()
+                .status(),
+            400
+        );
         let big = png(20, 20);
         let e = decode_one(&big, "big.png", &l, &pre).unwrap_err();
         assert_eq!((e.status(), e.code()), (413, "image_too_large"));
@@ -331,6 +381,9 @@ mod tests {
         let ok = png(9, 9);
         assert_eq!(decode_one(&ok, "ok.png", &l, &pre).unwrap().len(), 3 * 64);
         let trunc = &ok[..ok.len() / 2];
-        assert_eq!(decode_one(trunc, "t.png", &l, &pre).unwrap_err().status(), 400);
+        assert_eq!(
+            decode_one(trunc, "t.png", &l, &pre).unwrap_err().status(),
+            400
+        );
     }
 }

@@ -89,7 +89,10 @@ pub async fn wait_ready(addr: SocketAddr, within: Duration) -> anyhow::Result<()
                 return Ok(());
             }
         }
-        anyhow::ensure!(Instant::now() < until, "server at {addr} not ready after {within:?}");
+        anyhow::ensure!(
+            Instant::now() < until,
+            "server at {addr} not ready after {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -97,9 +100,13 @@ pub async fn wait_ready(addr: SocketAddr, within: Duration) -> anyhow::Result<()
 pub async fn run(args: &LoadtestArgs) -> anyhow::Result<Vec<LevelReport>> {
     let addr = loopback_addr(&args.addr)?;
     let image = Bytes::from(
-        std::fs::read(&args.image).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.image.display()))?,
+        std::fs::read(&args.image)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.image.display()))?,
     );
-    anyhow::ensure!(args.seconds > 0.0 && args.seconds <= 600.0, "--seconds must be in (0, 600]");
+    anyhow::ensure!(
+        args.seconds > 0.0 && args.seconds <= 600.0,
+        "--seconds must be in (0, 600]"
+    );
     anyhow::ensure!(
         args.concurrency.iter().all(|c| (1..=1024).contains(c)),
         "--concurrency levels must be between 1 and 1024"
@@ -112,7 +119,12 @@ pub async fn run(args: &LoadtestArgs) -> anyhow::Result<Vec<LevelReport>> {
     Ok(reports)
 }
 
-async fn level(addr: SocketAddr, concurrency: usize, image: Bytes, args: &LoadtestArgs) -> anyhow::Result<LevelReport> {
+async fn level(
+    addr: SocketAddr,
+    concurrency: usize,
+    image: Bytes,
+    args: &LoadtestArgs,
+) -> anyhow::Result<LevelReport> {
     let duration = Duration::from_secs_f64(args.seconds);
     let started = Instant::now();
     let deadline = started + duration;
@@ -143,7 +155,10 @@ async fn level(addr: SocketAddr, concurrency: usize, image: Bytes, args: &Loadte
                 }
                 let c = client.as_mut().expect("connected above");
                 let t = Instant::now();
-                match c.post("/v1/classify", "application/octet-stream", image.clone()).await {
+                match c
+                    .post("/v1/classify", "application/octet-stream", image.clone())
+                    .await
+                {
                     Ok(r) => {
                         let j = r.json();
                         samples.push(Sample {
@@ -177,7 +192,10 @@ async fn level(addr: SocketAddr, concurrency: usize, image: Bytes, args: &Loadte
         v.sort_by(f64::total_cmp);
         v
     };
-    let ok: Vec<&Sample> = samples.iter().filter(|s| (200..300).contains(&s.status)).collect();
+    let ok: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| (200..300).contains(&s.status))
+        .collect();
     let inf = sorted(ok.iter().map(|s| s.inference_ms).collect());
     let bs = sorted(ok.iter().map(|s| s.batch_size).collect());
     Ok(LevelReport {
@@ -199,7 +217,16 @@ pub fn print_table(reports: &[LevelReport], out: &mut dyn std::io::Write) -> std
     writeln!(
         out,
         "{:>5} {:>8} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>6}",
-        "conc", "requests", "non2xx", "t.err", "req/s", "p50 ms", "p90 ms", "p99 ms", "infer p50", "batch"
+        "conc",
+        "requests",
+        "non2xx",
+        "t.err",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "infer p50",
+        "batch"
     )?;
     for r in reports {
         writeln!(

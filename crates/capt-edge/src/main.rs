@@ -35,7 +35,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Classify(args) => {
             let ok = capt_edge::classify::run(&args, &mut stdout.lock())?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Bench(args) => {
             let report = capt_edge::bench::run(&args)?;
@@ -55,8 +59,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 capt_edge::loadtest::print_table(&reports, &mut stdout.lock())?;
             }
-            let bad = reports.iter().any(|r| r.non_2xx > 0 || r.transport_errors > 0);
-            Ok(if bad && args.fail_on_error { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            let bad = reports
+                .iter()
+                .any(|r| r.non_2xx > 0 || r.transport_errors > 0);
+            Ok(if bad && args.fail_on_error {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

@@ -131,19 +131,36 @@ impl Metrics {
     pub fn render(&self, queue_depth: usize, in_flight: usize) -> String {
         let mut out = String::new();
         out.push_str("# HELP capt_requests_total HTTP requests by route and status.\n# TYPE capt_requests_total counter\n");
-        for ((route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "capt_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "capt_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
         out.push_str("# HELP capt_errors_total Failed requests by error code.\n# TYPE capt_errors_total counter\n");
         for (code, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "capt_errors_total{{code=\"{code}\"}} {n}");
         }
-        self.request_seconds
-            .render(&mut out, "capt_request_duration_seconds", "End-to-end HTTP request latency.");
-        self.inference_seconds
-            .render(&mut out, "capt_inference_duration_seconds", "Backend time per batch.");
-        self.queue_wait_seconds
-            .render(&mut out, "capt_queue_wait_seconds", "Time a request waited in the batching queue.");
+        self.request_seconds.render(
+            &mut out,
+            "capt_request_duration_seconds",
+            "End-to-end HTTP request latency.",
+        );
+        self.inference_seconds.render(
+            &mut out,
+            "capt_inference_duration_seconds",
+            "Backend time per batch.",
+        );
+        self.queue_wait_seconds.render(
+            &mut out,
+            "capt_queue_wait_seconds",
+            "Time a request waited in the batching queue.",
+        );
         self.batch_size
             .render(&mut out, "capt_batch_size", "Images per backend batch.");
         let _ = writeln!(
@@ -194,7 +211,10 @@ mod tests {
         m.record_request("/v1/classify", 503, 0.001);
         m.record_error("queue_full");
         let s = m.render(3, 1);
-        assert!(s.contains("capt_requests_total{route=\"/v1/classify\",status=\"503\"} 1"), "{s}");
+        assert!(
+            s.contains("capt_requests_total{route=\"/v1/classify\",status=\"503\"} 1"),
+            "{s}"
+        );
         assert!(s.contains("capt_errors_total{code=\"queue_full\"} 1"));
         assert!(s.contains("capt_queue_depth 3"));
         assert_eq!(m.requests_with_status(200), 1);

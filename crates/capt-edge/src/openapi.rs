@@ -4,7 +4,8 @@ use serde_json::{json, Value};
 
 pub fn document() -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
-    let err = |d: &str| json!({"description": d, "content": {"application/json": {"schema": error}}});
+    let err =
+        |d: &str| json!({"description": d, "content": {"application/json": {"schema": error}}});
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -82,7 +82,11 @@ pub struct Server {
 
 impl Server {
     /// Starts the batching workers for `backend` (already loaded and warmed up).
-    pub fn new(model: ModelDir, backend: Arc<dyn Backend>, cfg: ServerConfig) -> std::io::Result<Self> {
+    pub fn new(
+        model: ModelDir,
+        backend: Arc<dyn Backend>,
+        cfg: ServerConfig,
+    ) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::default());
         let crop = model.manifest.preprocess.crop as usize;
         let describe = backend.describe();
@@ -124,7 +128,9 @@ impl Server {
                 "shutdown requested: refusing new connections, finishing in-flight requests"
             );
         };
-        axum::serve(listener, self.router()).with_graceful_shutdown(signal).await?;
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(signal)
+            .await?;
         let batcher = self.state.batcher.clone();
         let _ = tokio::task::spawn_blocking(move || batcher.shutdown()).await;
         tracing::info!("server stopped");
@@ -196,7 +202,8 @@ impl IntoResponse for ApiError {
         let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
         let mut resp = (self.status, body).into_response();
         if let Some(s) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
@@ -243,7 +250,10 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return ApiError::new(
@@ -286,7 +296,10 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .metrics
         .render(st.batcher.depth(), st.in_flight.load(Ordering::SeqCst));
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
         .into_response()
@@ -378,7 +391,8 @@ async fn classify(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
     let t = Instant::now();
-    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let Query(q) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     let body = body.map_err(|e| {
         let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             "body_too_large"
@@ -398,7 +412,11 @@ async fn classify(
     let classes = st.model.manifest.class_names.len();
     let k = q.top_k.unwrap_or(st.cfg.default_top_k).min(classes);
     if k == 0 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_query", "top_k must be at least 1"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "top_k must be at least 1",
+        ));
     }
     let timeout = st.cfg.request_timeout;
     match tokio::time::timeout(timeout, classify_inner(st.clone(), headers, body, k, t)).await {
@@ -406,7 +424,10 @@ async fn classify(
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
-            format!("the request took longer than the server's {} ms limit", timeout.as_millis()),
+            format!(
+                "the request took longer than the server's {} ms limit",
+                timeout.as_millis()
+            ),
         )),
     }
 }
@@ -418,7 +439,9 @@ async fn classify_inner(
     k: usize,
     t: Instant,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     let kind = input::body_kind(content_type)?;
     let limits = st.cfg.limits.clone();
     let pre = st.model.manifest.preprocess.clone();
@@ -434,14 +457,29 @@ async fn classify_inner(
         input::decode_all(&images, &limits, &pre)
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decode task failed: {e}")))??;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("decode task failed: {e}"),
+        )
+    })??;
     let decode_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let n = decoded.names.len();
-    let rx = st.batcher.submit(decoded.pixels, n).map_err(|e| batch_error(&st, e))?;
+    let rx = st
+        .batcher
+        .submit(decoded.pixels, n)
+        .map_err(|e| batch_error(&st, e))?;
     let reply = rx
         .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down"))?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down",
+            )
+        })?
         .map_err(|e| batch_error(&st, e))?;
 
     let names = &st.model.manifest.class_names;
@@ -488,8 +526,16 @@ fn batch_error(st: &AppState, e: BatchError) -> ApiError {
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", e.to_string())
             }
         }
-        BatchError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()),
-        BatchError::Backend(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", e.to_string()),
+        BatchError::ShuttingDown => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            e.to_string(),
+        ),
+        BatchError::Backend(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "inference_failed",
+            e.to_string(),
+        ),
     }
 }
 

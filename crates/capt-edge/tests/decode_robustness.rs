@@ -56,7 +56,12 @@ fn mutated_images_never_panic() {
     };
     let mut rng = StdRng::seed_from_u64(20261130);
     let (mut ok, mut rejected) = (0, 0);
-    for name in ["gradient_32.png", "noise_32.png", "waves_48x40.jpg", "checker_48x64.png"] {
+    for name in [
+        "gradient_32.png",
+        "noise_32.png",
+        "waves_48x40.jpg",
+        "checker_48x64.png",
+    ] {
         let src = common::image(name);
         for _ in 0..300 {
             let m = mutate(&mut rng, &src);

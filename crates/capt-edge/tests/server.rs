@@ -42,13 +42,23 @@ async fn every_endpoint_answers() {
 
     let doc = c.get("/openapi.json").await.unwrap().json();
     assert_eq!(doc["openapi"], "3.1.0");
-    for p in ["/v1/classify", "/v1/model", "/healthz", "/readyz", "/metrics"] {
+    for p in [
+        "/v1/classify",
+        "/v1/model",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing from OpenAPI");
     }
 
     // One raw image, all classes: equal to the onnxruntime reference.
     let r = c
-        .post("/v1/classify?top_k=5", "image/png", image("gradient_32.png"))
+        .post(
+            "/v1/classify?top_k=5",
+            "image/png",
+            image("gradient_32.png"),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -72,7 +82,13 @@ async fn every_endpoint_answers() {
         .map(|l| l["probability"].as_f64().unwrap())
         .collect();
     assert!(ps.windows(2).all(|w| w[0] >= w[1]), "top-k sorted: {ps:?}");
-    for key in ["decode_ms", "queue_ms", "inference_ms", "total_ms", "batch_size"] {
+    for key in [
+        "decode_ms",
+        "queue_ms",
+        "inference_ms",
+        "total_ms",
+        "batch_size",
+    ] {
         assert!(j["timing"][key].as_f64().is_some(), "timing.{key}");
     }
 
@@ -87,23 +103,46 @@ async fn every_endpoint_answers() {
     let j = r.json();
     let results = j["results"].as_array().unwrap();
     assert_eq!(results.len(), 3);
-    for (i, (res, name)) in results.iter().zip(["noise.png", "waves.jpg", "checker.png"]).enumerate() {
+    for (i, (res, name)) in results
+        .iter()
+        .zip(["noise.png", "waves.jpg", "checker.png"])
+        .enumerate()
+    {
         assert_eq!(res["name"], name);
         assert_eq!(res["index"], i);
         assert_eq!(res["top_k"].as_array().unwrap().len(), 2);
         let top1 = reference["images"][i + 1]["top1"].as_u64().unwrap();
-        assert_eq!(res["top_k"][0]["class_index"].as_u64().unwrap(), top1, "{name}");
+        assert_eq!(
+            res["top_k"][0]["class_index"].as_u64().unwrap(),
+            top1,
+            "{name}"
+        );
     }
 
     // Errors are JSON with a code.
-    let r = c.post("/v1/classify", "application/json", "{}").await.unwrap();
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (415, Some("unsupported_media_type")));
-    let r = c.post("/v1/classify?top_k=0", "image/png", image("noise_32.png")).await.unwrap();
+    let r = c
+        .post("/v1/classify", "application/json", "{}")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+    let r = c
+        .post("/v1/classify?top_k=0", "image/png", image("noise_32.png"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
-    let r = c.post("/v1/classify?top_k=abc", "image/png", image("noise_32.png")).await.unwrap();
+    let r = c
+        .post("/v1/classify?top_k=abc", "image/png", image("noise_32.png"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
     let r = c.get("/v2/nothing").await.unwrap();
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (404, Some("not_found")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
 
     let text = c.get("/metrics").await.unwrap().text();
     for needle in [
@@ -132,7 +171,9 @@ async fn concurrent_requests_coalesce_into_batches() {
     for _ in 0..8 {
         let mut c = srv.client().await;
         let img = img.clone();
-        tasks.push(tokio::spawn(async move { c.post("/v1/classify", "image/png", img).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            c.post("/v1/classify", "image/png", img).await.unwrap()
+        }));
     }
     let mut sizes = Vec::new();
     for t in tasks {
@@ -141,9 +182,18 @@ async fn concurrent_requests_coalesce_into_batches() {
         sizes.push(r.json()["timing"]["batch_size"].as_u64().unwrap());
     }
     let calls = counting.calls.load(Ordering::SeqCst);
-    assert!(calls < 8, "8 concurrent requests ran in {calls} backend calls; expected coalescing");
-    assert!(sizes.iter().all(|s| *s >= 2), "batch sizes seen by requests: {sizes:?}");
-    assert_eq!(counting.batch_sizes.lock().unwrap().iter().sum::<usize>(), 8);
+    assert!(
+        calls < 8,
+        "8 concurrent requests ran in {calls} backend calls; expected coalescing"
+    );
+    assert!(
+        sizes.iter().all(|s| *s >= 2),
+        "batch sizes seen by requests: {sizes:?}"
+    );
+    assert_eq!(
+        counting.batch_sizes.lock().unwrap().iter().sum::<usize>(),
+        8
+    );
     srv.shutdown().await;
 }
 
@@ -180,11 +230,19 @@ async fn full_queue_answers_503_with_retry_after() {
     assert_eq!(srv.state.queue_depth(), 2);
 
     let mut c = srv.client().await;
-    let r = c.post("/v1/classify", "image/png", img.clone()).await.unwrap();
+    let r = c
+        .post("/v1/classify", "image/png", img.clone())
+        .await
+        .unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["error"]["code"], "queue_full");
-    assert!(c.get("/metrics").await.unwrap().text().contains("capt_queue_rejected_total 1"));
+    assert!(c
+        .get("/metrics")
+        .await
+        .unwrap()
+        .text()
+        .contains("capt_queue_rejected_total 1"));
 
     gated.open();
     assert_eq!(running.await.unwrap().status, 200);
@@ -192,7 +250,13 @@ async fn full_queue_answers_503_with_retry_after() {
         assert_eq!(q.await.unwrap().status, 200);
     }
     // Still serving after the overflow.
-    assert_eq!(c.post("/v1/classify", "image/png", img).await.unwrap().status, 200);
+    assert_eq!(
+        c.post("/v1/classify", "image/png", img)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     srv.shutdown().await;
 }
 
@@ -209,19 +273,40 @@ async fn size_limits_answer_413() {
     let srv = TestServer::start(tract(), config).await;
     let mut c = srv.client().await;
 
-    let r = c.post("/v1/classify", "image/png", vec![0u8; 5000]).await.unwrap();
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (413, Some("body_too_large")));
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("4096 bytes"));
+    let r = c
+        .post("/v1/classify", "image/png", vec![0u8; 5000])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("4096 bytes"));
 
     let png = image("gradient_32.png");
     let (ct, body) = multipart_body(&[("a.png", &png), ("b.png", &png), ("c.png", &png)]);
     let r = c.post("/v1/classify", &ct, body).await.unwrap();
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (413, Some("too_many_images")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (413, Some("too_many_images"))
+    );
 
     // 48x64 = 3072 pixels > 1600.
-    let r = c.post("/v1/classify", "image/png", image("checker_48x64.png")).await.unwrap();
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (413, Some("image_too_large")));
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("48x64"));
+    let r = c
+        .post("/v1/classify", "image/png", image("checker_48x64.png"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (413, Some("image_too_large"))
+    );
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("48x64"));
 
     let (ct, body) = multipart_body(&[("a.png", &png), ("b.png", &png)]);
     assert_eq!(c.post("/v1/classify", &ct, body).await.unwrap().status, 200);
@@ -237,8 +322,14 @@ async fn api_key_keeps_strangers_out() {
     let srv = TestServer::start(tract(), config).await;
     let mut anon = srv.client().await;
     let img = image("noise_32.png");
-    let r = anon.post("/v1/classify", "image/png", img.clone()).await.unwrap();
-    assert_eq!((r.status, r.header("www-authenticate")), (401, Some("Bearer")));
+    let r = anon
+        .post("/v1/classify", "image/png", img.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.header("www-authenticate")),
+        (401, Some("Bearer"))
+    );
     for path in ["/v1/model", "/metrics", "/openapi.json"] {
         assert_eq!(anon.get(path).await.unwrap().status, 401, "{path}");
     }
@@ -246,10 +337,22 @@ async fn api_key_keeps_strangers_out() {
     assert_eq!(anon.get("/healthz").await.unwrap().status, 200);
     assert_eq!(anon.get("/readyz").await.unwrap().status, 200);
 
-    let mut wrong = srv.client().await.with_api_key(Some("s3cret-key-124".into()));
+    let mut wrong = srv
+        .client()
+        .await
+        .with_api_key(Some("s3cret-key-124".into()));
     assert_eq!(wrong.get("/v1/model").await.unwrap().status, 401);
-    let mut ok = srv.client().await.with_api_key(Some("s3cret-key-123".into()));
-    assert_eq!(ok.post("/v1/classify", "image/png", img).await.unwrap().status, 200);
+    let mut ok = srv
+        .client()
+        .await
+        .with_api_key(Some("s3cret-key-123".into()));
+    assert_eq!(
+        ok.post("/v1/classify", "image/png", img)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     assert_eq!(ok.get("/v1/model").await.unwrap().status, 200);
     srv.shutdown().await;
 }
@@ -293,23 +396,64 @@ async fn malformed_inputs_get_4xx_and_the_server_keeps_serving() {
     let bomb = gray_png(8000, 8000, true);
     assert!(bomb.len() < 200_000, "bomb is {} bytes", bomb.len());
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
-        ("truncated jpeg", "image/jpeg", jpeg[..jpeg.len() / 2].to_vec()),
+        (
+            "truncated jpeg",
+            "image/jpeg",
+            jpeg[..jpeg.len() / 2].to_vec(),
+        ),
         ("jpeg header only", "image/jpeg", jpeg[..20].to_vec()),
         ("png bomb 8000x8000", "image/png", bomb),
-        ("20000x20000 header", "image/png", gray_png(20_000, 20_000, false)),
+        (
+            "20000x20000 header",
+            "image/png",
+            gray_png(20_000, 20_000, false),
+        ),
         ("zero bytes", "image/png", Vec::new()),
-        ("text", "image/png", b"this is not an image, it is text\n".to_vec()),
-        ("truncated png", "image/png", good[..good.len() - 40].to_vec()),
-        ("random bytes", "application/octet-stream", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
-        ("bad multipart", "multipart/form-data; boundary=xyz", b"--xyz\r\nno headers end".to_vec()),
-        ("multipart without parts", "multipart/form-data; boundary=xyz", b"--xyz--\r\n".to_vec()),
+        (
+            "text",
+            "image/png",
+            b"this is not an image, it is text\n".to_vec(),
+        ),
+        (
+            "truncated png",
+            "image/png",
+            good[..good.len() - 40].to_vec(),
+        ),
+        (
+            "random bytes",
+            "application/octet-stream",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        (
+            "bad multipart",
+            "multipart/form-data; boundary=xyz",
+            b"--xyz\r\nno headers end".to_vec(),
+        ),
+        (
+            "multipart without parts",
+            "multipart/form-data; boundary=xyz",
+            b"--xyz--\r\n".to_vec(),
+        ),
     ];
     for (what, ct, body) in cases {
         let r = c.post("/v1/classify", ct, body).await.unwrap();
-        assert!((400..500).contains(&r.status), "{what}: status {} {}", r.status, r.text());
-        let msg = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(
+            (400..500).contains(&r.status),
+            "{what}: status {} {}",
+            r.status,
+            r.text()
+        );
+        let msg = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert!(!msg.is_empty(), "{what}: error message");
-        let ok = c.post("/v1/classify", "image/png", good.clone()).await.unwrap();
+        let ok = c
+            .post("/v1/classify", "image/png", good.clone())
+            .await
+            .unwrap();
         assert_eq!(ok.status, 200, "server stopped serving after {what}");
     }
     srv.shutdown().await;
@@ -350,7 +494,10 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     srv.signal_shutdown();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!srv.state.is_ready(), "readiness drops at shutdown");
-    assert!(!srv.handle.is_finished(), "server waits for in-flight requests");
+    assert!(
+        !srv.handle.is_finished(),
+        "server waits for in-flight requests"
+    );
     // New connections are no longer accepted.
     let refused = tokio::time::timeout(Duration::from_secs(2), async {
         match capt_edge::client::Client::connect(addr).await {
@@ -365,10 +512,52 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     gated.open();
     let r1 = in_backend.await.unwrap();
     let r2 = queued.await.unwrap();
-    assert_eq!((r1.status, r2.status), (200, 200), "{} / {}", r1.text(), r2.text());
+    assert_eq!(
+        (r1.status, r2.status),
+        (200, 200),
+        "{} / {}",
+        r1.text(),
+        r2.text()
+    );
     tokio::time::timeout(Duration::from_secs(20), srv.handle)
         .await
         .expect("server exits after draining")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_time_out_with_504() {
+    let gated = Gated::new(tract());
+    let config = ServerConfig {
+        request_timeout: Duration::from_millis(300),
+        ..cfg()
+    };
+    let srv = TestServer::start(gated.clone(), config).await;
+    let mut c = srv.client().await;
+    let r = c
+        .post("/v1/classify", "image/png", image("noise_32.png"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (504, Some("timeout")),
+        "{}",
+        r.text()
+    );
+    gated.open();
+    assert_eq!(
+        c.post("/v1/classify", "image/png", image("noise_32.png"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert!(c
+        .get("/metrics")
+        .await
+        .unwrap()
+        .text()
+        .contains("capt_errors_total{code=\"timeout\"} 1"));
+    srv.shutdown().await;
 }

@@ -116,7 +116,10 @@ mod tests {
     #[test]
     fn unknown_class_and_bad_json_name_the_file() {
         let e = Descriptions::parse(r#"{"beagle|corgi": ["x"]}"#, &names(), "d.json").unwrap_err();
-        assert!(e.to_string().contains("corgi") && e.to_string().contains("d.json"), "{e}");
+        assert!(
+            e.to_string().contains("corgi") && e.to_string().contains("d.json"),
+            "{e}"
+        );
         let e = Descriptions::parse(r#"{"beagle": "x"}"#, &names(), "d.json").unwrap_err();
         assert!(e.to_string().contains("d.json"), "{e}");
     }

@@ -29,7 +29,7 @@ pub use params::{
     SAM_LOCAL,
 };
 pub use sam::{retrieve, sample_feature, Retrieval};
-pub use sem::{select_pairs, Pairs};
+pub use sem::{select_pairs, Pairs, PAIR_TIE_BREAK};
 
 /// Number of MGDE experts. Order everywhere: 0 = semantic-difference,
 /// 1 = semantic-commonality, 2 = sample.

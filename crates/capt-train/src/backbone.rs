@@ -41,7 +41,10 @@ impl BackboneSpec {
     pub fn display(&self) -> String {
         match self {
             BackboneSpec::Tiny => "tiny".into(),
-            BackboneSpec::Path(p) => std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string(),
+            BackboneSpec::Path(p) => std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
         }
     }
 }

@@ -284,12 +284,17 @@ impl Model {
         let l = if merge { l } else { lp };
         let pair_ids = pad_cols(&pair_rows.ids, l)?;
         let mut groups = vec![
-            bb.text.build_prompts(&self.params.get(COM_CTX)?, &pair_ids.narrow(0, 0, s)?)?,
-            bb.text.build_prompts(&self.params.get(DIF_CTX)?, &pair_ids.narrow(0, s, u)?)?,
+            bb.text
+                .build_prompts(&self.params.get(COM_CTX)?, &pair_ids.narrow(0, 0, s)?)?,
+            bb.text
+                .build_prompts(&self.params.get(DIF_CTX)?, &pair_ids.narrow(0, s, u)?)?,
         ];
         let separate = if merge {
             let class_ids = pad_cols(&self.class_rows.ids, l)?;
-            groups.insert(0, bb.text.build_prompts(&self.params.get(CTX)?, &class_ids)?);
+            groups.insert(
+                0,
+                bb.text.build_prompts(&self.params.get(CTX)?, &class_ids)?,
+            );
             None
         } else {
             Some(self.class_embeddings(true)?)

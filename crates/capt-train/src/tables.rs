@@ -18,7 +18,6 @@ use crate::error::{Result, TrainError};
 use crate::model::Model;
 use crate::prompts::{encode_with_context, Family};
 
-
 /// The pairs of one training step.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepPairs {
@@ -428,7 +427,12 @@ pub fn pair_ids(model: &Model, family: Family, pairs: &[(usize, usize)]) -> Resu
     let names = &model.classnames;
     Ok(pairs
         .iter()
-        .map(|&(a, b)| model.backbone.tokenizer.encode(&family.text(&names[a], &names[b])))
+        .map(|&(a, b)| {
+            model
+                .backbone
+                .tokenizer
+                .encode(&family.text(&names[a], &names[b]))
+        })
         .collect::<std::result::Result<_, _>>()?)
 }
 

@@ -256,8 +256,14 @@ fn truncated_text_sequences_equal_full_length_ones() {
     let full = class_rows(&m.backbone, &names, 77).unwrap();
     assert!(short.ids.dim(1).unwrap() < 20 && full.ids.dim(1).unwrap() == 77);
     let ctx = m.params.get(CTX).unwrap();
-    let a = encode_with_context(&m.backbone, &ctx, &short, None).unwrap().to_vec2::<f32>().unwrap();
-    let b = encode_with_context(&m.backbone, &ctx, &full, None).unwrap().to_vec2::<f32>().unwrap();
+    let a = encode_with_context(&m.backbone, &ctx, &short, None)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = encode_with_context(&m.backbone, &ctx, &full, None)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for (ra, rb) in a.iter().zip(&b) {
         for (x, y) in ra.iter().zip(rb) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
@@ -271,7 +277,11 @@ fn descriptions_are_added_to_the_pair_embeddings() {
     use capt_train::tables::encode_pairs;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("desc.json");
-    std::fs::write(&file, r#"{"banded|blotchy": ["regular parallel stripes", "bands of colour"]}"#).unwrap();
+    std::fs::write(
+        &file,
+        r#"{"banded|blotchy": ["regular parallel stripes", "bands of colour"]}"#,
+    )
+    .unwrap();
     let bb = Backbone::random(&ClipConfig::tiny(), 11, true, DType::F32, &Device::Cpu).unwrap();
     let names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
     let mut cfg = config(Method::Capt);
@@ -279,11 +289,26 @@ fn descriptions_are_added_to_the_pair_embeddings() {
     cfg.capt.sem.descriptions = Some(file);
     let described = Model::new(bb.clone(), &cfg, &names, "a photo of a {}.", 16, 4).unwrap();
     let pairs = [(0, 1), (1, 0), (2, 3)];
-    let sentences = ["regular parallel stripes".to_string(), "bands of colour".to_string()];
-    let mean = bb.encode_texts(&sentences, 8).unwrap().mean(0).unwrap().to_vec1::<f32>().unwrap();
+    let sentences = [
+        "regular parallel stripes".to_string(),
+        "bands of colour".to_string(),
+    ];
+    let mean = bb
+        .encode_texts(&sentences, 8)
+        .unwrap()
+        .mean(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for fam in [Family::Com, Family::Dif] {
-        let a = encode_pairs(&plain, fam, &pairs, false).unwrap().to_vec2::<f32>().unwrap();
-        let b = encode_pairs(&described, fam, &pairs, false).unwrap().to_vec2::<f32>().unwrap();
+        let a = encode_pairs(&plain, fam, &pairs, false)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let b = encode_pairs(&described, fam, &pairs, false)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         // (0, 1) gets the description; (1, 0) only for the symmetric COM; (2, 3) never.
         let expect_added = |row: usize| row == 0 || (row == 1 && fam == Family::Com);
         for row in 0..3 {

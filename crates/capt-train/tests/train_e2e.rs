@@ -303,8 +303,20 @@ fn deep_text_visual_and_class_specific_prompts_train_and_evaluate() {
     let out = dir.path().join("run");
     let root = data_root().display().to_string();
     let r = capt_train(&[
-        "fit", "--dataset", "dtd", "--root", &root, "--backbone", "tiny", "--config", cfg.to_str().unwrap(), "--epochs",
-        "1", "--out", out.to_str().unwrap(), "--no-progress",
+        "fit",
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--backbone",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--no-progress",
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let bytes = read(&out.join("checkpoint/learned.safetensors"));
@@ -314,7 +326,14 @@ fn deep_text_visual_and_class_specific_prompts_train_and_evaluate() {
         .into_iter()
         .map(str::to_string)
         .collect();
-    for name in ["prompt.ctx", "prompt.deep.1", "prompt.visual.0", "prompt.visual.1", "sem.com_ctx", "capt.mgde.gains"] {
+    for name in [
+        "prompt.ctx",
+        "prompt.deep.1",
+        "prompt.visual.0",
+        "prompt.visual.1",
+        "sem.com_ctx",
+        "capt.mgde.gains",
+    ] {
         assert!(st.iter().any(|n| n == name), "{name} missing from {st:?}");
     }
     // No feature cache with vision prompts: the image tower runs every step.

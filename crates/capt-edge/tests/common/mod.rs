@@ -22,7 +22,8 @@ pub fn image(name: &str) -> Vec<u8> {
 }
 
 pub fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
+        .unwrap()
 }
 
 pub fn model() -> ModelDir {
@@ -166,7 +167,10 @@ impl TestServer {
 
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Full probability vector of one result (top_k = all classes), in class order.

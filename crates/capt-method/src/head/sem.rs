@@ -4,6 +4,10 @@ use capt_graph::{HostTensor, Ops};
 
 use super::{HeadConfig, HeadTables, Result};
 
+/// Scores `Nhat p_j` below about this value count as 0 when choosing pairs: they are ordered
+/// by candidate position (strongest `Nhat` first) instead (f32 keeps 1e-30 as a normal number).
+pub const PAIR_TIE_BREAK: f64 = 1e-30;
+
 /// The Semantic Confusion Pairs `(c, j_k)` of each image and what the experts need to scatter
 /// onto them.
 #[derive(Debug, Clone)]
@@ -27,7 +31,10 @@ pub struct Pairs<T> {
 /// top `K_p`.
 ///
 /// `c` is taken as the argmax of `z_base` (the same class as the argmax of `p`, without
-/// softmax rounding creating ties).
+/// softmax rounding creating ties). Scores get a tiny bias decreasing along c's candidate
+/// list ([`PAIR_TIE_BREAK`]): with `tau = 100`, `p_j` underflows to exactly 0 for far classes,
+/// and top-k tie order differs between backends (candle vs tract), so equal scores are broken
+/// explicitly in favour of the stronger `Nhat` candidate.
 pub fn select_pairs<O: Ops>(
     ops: &O,
     cfg: &HeadConfig,
@@ -40,6 +47,11 @@ pub fn select_pairs<O: Ops>(
     let cand = ops.gather(&t.cand_index, &class, 0)?; // [N, K]
     let nhat = ops.gather(&t.cand_weight, &class, 0)?; // [N, K]
     let score = ops.mul(&nhat, &ops.gather_elements(&p, &cand, 1)?)?;
+    let k = cfg.k_cand;
+    let bias: Vec<f64> = (0..k)
+        .map(|i| PAIR_TIE_BREAK * (k - i) as f64 / k as f64)
+        .collect();
+    let score = ops.add(&score, &ops.constant(&HostTensor::f64(vec![k], bias)?)?)?;
     let (_, k) = ops.topk(&score, cfg.k_pairs)?; // [N, K_p] positions in c's list
     let partners = ops.gather_elements(&cand, &k, 1)?;
     let k_const = ops.constant(&HostTensor::i64(vec![1], vec![cfg.k_cand as i64])?)?;

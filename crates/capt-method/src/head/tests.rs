@@ -826,6 +826,21 @@ fn semantic_experts_on_a_hand_checkable_case() -> Res {
 }
 
 #[test]
+fn underflowed_scores_fall_back_to_candidate_order() -> Res {
+    // tau = 1000: every partner's p underflows to exactly 0 (f32 and f64), so all scores tie;
+    // the pairs must then be the first candidates of class 0's list, [3, 1], on any backend.
+    let mut c = hand_case(Method::Capt);
+    c.logit_scale = 1000f64.ln();
+    for dt in [CDType::F32, CDType::F64] {
+        assert_eq!(c.run(dt).pairs, vec![3, 1], "{dt:?}");
+    }
+    // With tau = 10 the scores decide: [1, 2] (see the hand-checkable case).
+    c.logit_scale = 10f64.ln();
+    assert_eq!(c.run(CDType::F32).pairs, vec![1, 2]);
+    Ok(())
+}
+
+#[test]
 fn router_gates_and_load_balance() -> Res {
     // Uniform gates without the learned router.
     let out = trained(Method::CaptNoRouting).run(CDType::F32);
