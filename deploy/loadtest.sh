@@ -6,7 +6,7 @@
 # Defaults: the committed fixture model and image. Environment knobs:
 #   CAPT_EDGE=path/to/capt-edge   binary to use (default: build --release into $CARGO_TARGET_DIR or target/)
 #   BACKEND=tract|ort  CONCURRENCY=1,8,32  SECONDS_PER_LEVEL=5  PORT=18080
-#   MAX_BATCH=8  MAX_WAIT_MS=5  QUEUE=256  THREADS=0  (for ort also ORT_DYLIB_PATH)
+#   MAX_BATCH=8  MAX_WAIT_MS=0  QUEUE=256  THREADS=0  (for ort also ORT_DYLIB_PATH)
 # Prints throughput and p50/p90/p99 per concurrency level, the server overhead at
 # concurrency 1, and fails (exit 1) on any non-2xx answer: the queue is sized above 32
 # clients, so every request must succeed.
@@ -24,7 +24,7 @@ if [[ -z "${CAPT_EDGE:-}" ]]; then
 fi
 LOG="$(mktemp)"
 "$CAPT_EDGE" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --backend "$BACKEND" \
-  --threads "${THREADS:-0}" --max-batch "${MAX_BATCH:-8}" --max-wait-ms "${MAX_WAIT_MS:-5}" \
+  --threads "${THREADS:-0}" --max-batch "${MAX_BATCH:-8}" --max-wait-ms "${MAX_WAIT_MS:-0}" \
   --queue-capacity "${QUEUE:-256}" 2>"$LOG" &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -f "$LOG"' EXIT

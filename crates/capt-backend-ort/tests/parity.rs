@@ -58,7 +58,14 @@ fn ort_matches_reference_and_tract() {
         ort.describe()
     );
     warm_up(&ort, &dir).unwrap();
-    let tract = TractBackend::load(&dir, &TractOptions { threads: 1 }).unwrap();
+    let tract = TractBackend::load(
+        &dir,
+        &TractOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
 
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())

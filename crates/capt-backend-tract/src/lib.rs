@@ -20,11 +20,15 @@ const ENGINE: &str = "tract";
 pub struct TractOptions {
     /// Matmul threads; 0 uses every available core.
     pub threads: usize,
+    /// Batch sizes that get their own plan optimised for that exact shape (faster than the
+    /// symbolic-N plan, at the cost of load time and memory); other sizes use the symbolic plan.
+    pub fixed_batches: Vec<usize>,
 }
 
 /// A loaded, optimised classifier plan; immutable and shared across threads.
 pub struct TractBackend {
     plan: Arc<TypedRunnableModel>,
+    fixed: Vec<(usize, Arc<TypedRunnableModel>)>,
     crop: usize,
     threads: usize,
 }
@@ -85,14 +89,28 @@ impl TractBackend {
             executor: Some(executor),
             ..Default::default()
         };
-        let plan = graph
+        let typed = graph
             .into_typed()
-            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_decluttered())
+            .map_err(load_err)?;
+        let mut fixed = Vec::new();
+        for &b in opts.fixed_batches.iter().filter(|b| **b > 0) {
+            let subs = std::collections::HashMap::from([(n.clone(), (b as i64).to_dim())]);
+            let plan = typed
+                .set_symbols(&subs)
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable_with_options(&options))
+                .map_err(load_err)?;
+            fixed.push((b, plan));
+        }
+        let plan = typed
+            .into_optimized()
             .and_then(|m| m.into_runnable_with_options(&options))
             .map_err(load_err)?;
-        tracing::info!(path = %path.display(), threads, "tract plan ready");
+        tracing::info!(path = %path.display(), threads, fixed_batches = ?opts.fixed_batches, "tract plan ready");
         Ok(Self {
             plan,
+            fixed,
             crop,
             threads,
         })
@@ -120,7 +138,12 @@ impl Backend for TractBackend {
             reason: format!("{e:#}"),
         };
         let input = Tensor::from_shape(&batch.shape(), &batch.data).map_err(run_err)?;
-        let outputs = self.plan.run(tvec!(input.into())).map_err(run_err)?;
+        let plan = self
+            .fixed
+            .iter()
+            .find(|(b, _)| *b == batch.n)
+            .map_or(&self.plan, |(_, p)| p);
+        let outputs = plan.run(tvec!(input.into())).map_err(run_err)?;
         let take = |ix: usize| -> Result<(Vec<usize>, Vec<f32>), BackendError> {
             let view = outputs[ix].to_plain_array_view::<f32>().map_err(run_err)?;
             Ok((view.shape().to_vec(), view.iter().copied().collect()))

@@ -40,7 +40,14 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 fn load(threads: usize) -> (ModelDir, TractBackend) {
     let dir = ModelDir::open(fixture().join("model")).unwrap();
-    let b = TractBackend::load(&dir, &TractOptions { threads }).unwrap();
+    let b = TractBackend::load(
+        &dir,
+        &TractOptions {
+            threads,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     (dir, b)
 }
 
@@ -192,4 +199,26 @@ fn crop_mismatch_is_a_contract_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("[N,3,32,32]"), "{err}");
+}
+
+#[test]
+fn fixed_batch_plans_agree_with_the_symbolic_plan() {
+    let dir = ModelDir::open(fixture().join("model")).unwrap();
+    let sym = TractBackend::load(&dir, &TractOptions::default()).unwrap();
+    let fixed = TractBackend::load(
+        &dir,
+        &TractOptions {
+            threads: 1,
+            fixed_batches: vec![1, 3],
+        },
+    )
+    .unwrap();
+    for n in [1, 2, 3] {
+        let x = synthetic_batch(n, 32);
+        let d = max_diff(
+            &sym.classify(&x).unwrap().probs,
+            &fixed.classify(&x).unwrap().probs,
+        );
+        assert!(d <= 1e-6, "batch {n}: {d}");
+    }
 }

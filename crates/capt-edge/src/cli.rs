@@ -45,8 +45,9 @@ pub struct ServeArgs {
     /// Most images per backend call.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
-    /// Longest wait (ms) for a batch to fill after its first image arrived.
-    #[arg(long, default_value_t = 5)]
+    /// Longest wait (ms) for a batch to fill after its first image arrived. 0: run as soon as
+    /// the worker is free (batches still form from requests that queue while it is busy).
+    #[arg(long, default_value_t = 0)]
     pub max_wait_ms: u64,
     /// Most images waiting in the queue; beyond it requests get 503 + Retry-After.
     #[arg(long, default_value_t = 256)]

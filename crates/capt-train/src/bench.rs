@@ -27,8 +27,8 @@ pub struct BenchArgs {
     /// `b16` (ViT-B/16 text tower) or `tiny`.
     pub size: String,
     pub config: RunConfig,
-    /// Run one configuration in this process and print its JSON (used by the parent).
-    pub only: Option<(Method, usize)>,
+    /// Measure this class count in this process and print JSON lines (used by the parent).
+    pub child: Option<usize>,
     /// Python interpreter for `tools/ref_train_step.py` (PyTorch eager CoOp reference).
     pub torch_python: Option<String>,
     pub torch_script: String,
@@ -44,10 +44,13 @@ pub struct BenchResult {
     pub ms_per_step: f64,
     /// Median over the timed steps.
     pub ms_median: f64,
+    /// CPU time (all threads, user + system) per step: steadier than wall time on a shared
+    /// machine.
+    pub cpu_ms_per_step: f64,
     pub peak_rss_mb: f64,
     /// Time to encode the pair tables once (CAPT; per epoch in training).
     pub table_ms: Option<f64>,
-    /// Text sequences encoded with gradient per step.
+    /// Text sequences encoded with gradient per step (class prompts + SEM pair prompts).
     pub grad_sequences: f64,
 }
 
@@ -86,80 +89,145 @@ fn class_names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Measures one configuration in this process.
-pub fn measure(
+/// One model under measurement.
+struct Runner {
+    model: Model,
+    cache: Option<TableCache>,
+    sgd: Sgd,
+    times: Vec<f64>,
+    cpu: Vec<f64>,
+    sequences: usize,
+}
+
+impl Runner {
+    fn step(&mut self, feats: &Feats, labels: &Tensor, timed: bool) -> Result<()> {
+        let (t0, c0) = (Instant::now(), cpu_ms());
+        let out = self
+            .model
+            .train_forward(feats, labels, self.cache.as_ref())?;
+        let grads = out.loss.backward()?;
+        self.sgd.step(&self.model.params, &grads, 0.002)?;
+        if timed {
+            self.times.push(t0.elapsed().as_secs_f64() * 1000.0);
+            self.cpu.push(cpu_ms() - c0);
+            self.sequences += self.model.num_classes() + out.grad_sequences;
+        }
+        Ok(())
+    }
+
+    fn result(&self, method: Method, peak_rss_mb: f64, table_ms: Option<f64>) -> BenchResult {
+        let n = self.times.len().max(1) as f64;
+        let mut sorted = self.times.clone();
+        sorted.sort_by(f64::total_cmp);
+        BenchResult {
+            method: method.name().into(),
+            classes: self.model.num_classes(),
+            ms_per_step: self.times.iter().sum::<f64>() / n,
+            ms_median: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+            cpu_ms_per_step: self.cpu.iter().sum::<f64>() / n,
+            peak_rss_mb,
+            table_ms,
+            grad_sequences: self.sequences as f64 / n,
+        }
+    }
+}
+
+/// Measures CoOp and CAPT for `classes` classes in this process. Their timed steps alternate
+/// (CoOp, CAPT, CoOp, ...) so both see the same machine load; CoOp's peak RSS is read before
+/// the CAPT model exists, CAPT's at the end (the shared frozen backbone counts in both).
+pub fn measure_pair(
     size: &str,
     cfg: &RunConfig,
-    method: Method,
     classes: usize,
     steps: usize,
-) -> Result<BenchResult> {
+) -> Result<Vec<BenchResult>> {
     let clip = bench_config(size)?;
     let dev = Device::Cpu;
     let backbone = Backbone::random(&clip, 1, false, DType::F32, &dev)?;
-    let mut cfg = cfg.clone();
-    cfg.capt.method = method;
     let grid = cfg.capt.bank.local_grid;
     let g = grid * grid;
+    let d = backbone.dim();
     let names = class_names(classes);
-    let model = Model::new(backbone, &cfg, &names, "a photo of a {}.", g, 1)?;
-    let d = model.backbone.dim();
     let bs = cfg.capt.optim.batch_size;
     let mut r = rng::rng(7, rng::stream::INIT, 0);
-    let mut r2 = rng::rng(7, rng::stream::INIT, 1);
     let mut feats_of = |n: usize| -> Result<Feats> {
         Ok(Feats {
             global: Tensor::from_vec(rng::normal(&mut r, n * d, 1.0), (n, d), &dev)?,
             local: Tensor::from_vec(rng::normal(&mut r, n * g * d, 1.0), (n, g, d), &dev)?,
         })
     };
+    let labels_of = |s: usize| -> Result<Tensor> {
+        let v: Vec<u32> = (0..bs).map(|i| ((s * bs + i) % classes) as u32).collect();
+        Ok(Tensor::from_vec(v, bs, &dev)?)
+    };
+    let runner = |cache: Option<TableCache>, model: Model| Runner {
+        model,
+        cache,
+        sgd: Sgd::new(0.9, 5e-4, Some(1.0)),
+        times: Vec::new(),
+        cpu: Vec::new(),
+        sequences: 0,
+    };
+    let mut coop_cfg = cfg.clone();
+    coop_cfg.capt.method = Method::Coop;
+    let mut coop = runner(
+        None,
+        Model::new(
+            backbone.clone(),
+            &coop_cfg,
+            &names,
+            "a photo of a {}.",
+            g,
+            1,
+        )?,
+    );
+    // The first step of each model warms up allocators and caches (untimed).
+    coop.step(&feats_of(bs)?, &labels_of(0)?, false)?;
+    coop.step(&feats_of(bs)?, &labels_of(1)?, false)?;
+    let coop_rss = peak_rss_mb();
+
+    let mut capt_cfg = cfg.clone();
+    capt_cfg.capt.method = Method::Capt;
+    let model = Model::new(backbone, &capt_cfg, &names, "a photo of a {}.", g, 1)?;
     // A bank with entries, as after a real first pass: 4 samples per class observed with
     // random predictions.
-    let (cache, table_ms) = if model.head.is_some() {
-        let mut bank = ConfusionBank::new(classes, d, g, &cfg.capt.bank);
-        let f = feats_of(4 * classes)?;
-        let gl = f.global.to_vec2::<f32>()?;
-        let lo = f.local.reshape((4 * classes, g * d))?.to_vec2::<f32>()?;
-        for i in 0..4 * classes {
-            let probs = rng::normal(&mut r2, classes, 1.0);
-            bank.observe(i % classes, &probs, &gl[i], &lo[i])?;
-        }
-        let t0 = Instant::now();
-        let cache = TableCache::build(&model, &bank)?;
-        (Some(cache), Some(t0.elapsed().as_secs_f64() * 1000.0))
-    } else {
-        (None, None)
-    };
-    let mut sgd = Sgd::new(0.9, 5e-4, Some(1.0));
-    let mut times = Vec::new();
-    let mut seqs = 0f64;
-    for s in 0..steps + 1 {
-        let feats = feats_of(bs)?;
-        let labels: Vec<u32> = (0..bs).map(|i| ((s * bs + i) % classes) as u32).collect();
-        let labels = Tensor::from_vec(labels, bs, &dev)?;
-        let t0 = Instant::now();
-        let out = model.train_forward(&feats, &labels, cache.as_ref())?;
-        let grads = out.loss.backward()?;
-        sgd.step(&model.params, &grads, 0.002)?;
-        let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        // The first step warms up allocators and caches.
-        if s > 0 {
-            times.push(ms);
-            seqs += (classes + 3 * out.grad_pairs) as f64;
-        }
+    let mut bank = ConfusionBank::new(classes, d, g, &capt_cfg.capt.bank);
+    let f = feats_of(4 * classes)?;
+    let gl = f.global.to_vec2::<f32>()?;
+    let lo = f.local.reshape((4 * classes, g * d))?.to_vec2::<f32>()?;
+    let mut r2 = rng::rng(7, rng::stream::INIT, 1);
+    for i in 0..4 * classes {
+        let probs = rng::normal(&mut r2, classes, 1.0);
+        bank.observe(i % classes, &probs, &gl[i], &lo[i])?;
     }
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    Ok(BenchResult {
-        method: method.name().into(),
-        classes,
-        ms_per_step: mean,
-        ms_median: sorted[sorted.len() / 2],
-        peak_rss_mb: peak_rss_mb(),
-        table_ms,
-        grad_sequences: seqs / times.len() as f64,
-    })
+    let t0 = Instant::now();
+    let cache = TableCache::build(&model, &bank)?;
+    let table_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let mut capt = runner(Some(cache), model);
+    capt.step(&feats_of(bs)?, &labels_of(0)?, false)?;
+    for s in 0..steps {
+        let (f, y) = (feats_of(bs)?, labels_of(s + 2)?);
+        coop.step(&f, &y, true)?;
+        capt.step(&f, &y, true)?;
+    }
+    Ok(vec![
+        coop.result(Method::Coop, coop_rss, None),
+        capt.result(Method::Capt, peak_rss_mb(), Some(table_ms)),
+    ])
+}
+
+/// CPU time of this process so far (user + system, all threads), ms; 0 where unavailable.
+pub fn cpu_ms() -> f64 {
+    // /proc/self/stat fields 14 and 15 (utime, stime) in clock ticks (100 Hz on Linux).
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks * 10.0)
+        })
+        .unwrap_or(0.0)
 }
 
 /// Peak resident set size of this process (`VmHWM`), MiB; 0 where unavailable.
@@ -175,47 +243,48 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Runs every configuration in a child process and prints the table.
+/// Runs each class count in a child process and prints the table.
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
-    if let Some((method, classes)) = args.only {
-        let r = measure(&args.size, &args.config, method, classes, args.steps)?;
-        println!("{}", serde_json::to_string(&r).expect("result serialises"));
-        return Ok(vec![r]);
+    if let Some(classes) = args.child {
+        let rs = measure_pair(&args.size, &args.config, classes, args.steps)?;
+        for r in &rs {
+            println!("{}", serde_json::to_string(r).expect("result serialises"));
+        }
+        return Ok(rs);
     }
     let exe = std::env::current_exe()
         .map_err(|e| TrainError::Config(format!("cannot find this executable: {e}")))?;
     let mut results = Vec::new();
     for &c in &args.classes {
-        for method in [Method::Coop, Method::Capt] {
-            let out = Command::new(&exe)
-                .args([
-                    "bench",
-                    "train-step",
-                    "--size",
-                    &args.size,
-                    "--steps",
-                    &args.steps.to_string(),
-                ])
-                .args(["--only", method.name(), "--classes", &c.to_string()])
-                .args(&args.forward)
-                .output()
-                .map_err(|e| TrainError::Config(format!("cannot run {}: {e}", exe.display())))?;
-            if !out.status.success() {
-                return Err(TrainError::Config(format!(
-                    "bench child ({method}, {c} classes) failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            let text = String::from_utf8_lossy(&out.stdout);
-            let line = text.lines().last().unwrap_or("");
+        let out = Command::new(&exe)
+            .args(["bench", "train-step", "--size", &args.size])
+            .args([
+                "--steps",
+                &args.steps.to_string(),
+                "--child",
+                &c.to_string(),
+            ])
+            .args(&args.forward)
+            .output()
+            .map_err(|e| TrainError::Config(format!("cannot run {}: {e}", exe.display())))?;
+        if !out.status.success() {
+            return Err(TrainError::Config(format!(
+                "bench child ({c} classes) failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines().filter(|l| l.starts_with('{')) {
             let r: BenchResult = serde_json::from_str(line)
                 .map_err(|e| TrainError::Config(format!("bench child printed {line:?}: {e}")))?;
             eprintln!(
-                "{:>6} {:>4} classes: {:8.1} ms/step (median {:8.1}), peak RSS {:7.1} MiB{}",
+                "{:>6} {:>4} classes: {:8.1} ms/step (median {:8.1}, CPU {:8.1}), {:5.1} text sequences/step, peak RSS {:7.1} MiB{}",
                 r.method,
                 r.classes,
                 r.ms_per_step,
                 r.ms_median,
+                r.cpu_ms_per_step,
+                r.grad_sequences,
                 r.peak_rss_mb,
                 r.table_ms
                     .map_or(String::new(), |t| format!(", pair tables {t:.0} ms/epoch"))
@@ -223,16 +292,17 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
             results.push(r);
         }
     }
-    println!("| classes | CoOp ms/step | CAPT ms/step | CAPT/CoOp | CoOp peak RSS MiB | CAPT peak RSS MiB | CAPT tables ms/epoch |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| classes | CoOp ms/step (median) | CAPT ms/step (median) | CAPT/CoOp wall | CAPT/CoOp CPU time | CoOp peak RSS MiB | CAPT peak RSS MiB | CAPT tables ms/epoch |");
+    println!("|---|---|---|---|---|---|---|---|");
     for &c in &args.classes {
         let get = |m: &str| results.iter().find(|r| r.classes == c && r.method == m);
         if let (Some(a), Some(b)) = (get("coop"), get("capt")) {
             println!(
-                "| {c} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} |",
-                a.ms_per_step,
-                b.ms_per_step,
-                b.ms_per_step / a.ms_per_step,
+                "| {c} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} |",
+                a.ms_median,
+                b.ms_median,
+                b.ms_median / a.ms_median,
+                b.cpu_ms_per_step / a.cpu_ms_per_step.max(1e-9),
                 a.peak_rss_mb,
                 b.peak_rss_mb,
                 b.table_ms.unwrap_or(0.0)

@@ -17,10 +17,15 @@ pub struct TrainerConfig {
     /// epoch; each step re-encodes only the pairs its batch selects, with gradient, and
     /// splices them in. n > 0 = the n most used pairs of the batch (ties: first seen), the
     /// rest read the epoch's cache; 0 = every pair the batch uses (up to batch * K_p). Each
-    /// pair costs 3 text sequences (COM(c,j), DIF(c,j), DIF(j,c)) in one extra encoder pass.
-    /// Default 1: at ViT-B/16 size a CAPT step then costs about 1.0-1.7x a CoOp step
-    /// (100 / 10 classes) instead of 2-5x with all pairs (see `capt-train bench train-step`).
+    /// pair costs 2 text sequences (COM(c,j), DIF(c,j); 3 with `grad_dif_reverse`), all in
+    /// one extra encoder pass. Default 1: at ViT-B/16 size a CAPT step then costs about
+    /// 1.1-1.3x a CoOp step (10 / 100 classes) instead of 1.6-4.6x with every pair and
+    /// reverse (see `capt-train bench train-step`).
     pub grad_pairs: usize,
+    /// Also re-encode `t_dif(j, c)` of each gradient pair with gradient (3 sequences per pair
+    /// instead of 2). Off: the reverse rows read the epoch's cache this step (they get
+    /// gradient on steps where (j, c) itself is selected).
+    pub grad_dif_reverse: bool,
     /// Augmented views cached per training image (0 = `bank.views`). Each epoch every image
     /// uses one of them, drawn from the run's seeded generator.
     pub train_views: usize,
@@ -34,6 +39,7 @@ impl Default for TrainerConfig {
     fn default() -> Self {
         Self {
             grad_pairs: 1,
+            grad_dif_reverse: false,
             train_views: 0,
             eval_batch: 64,
             text_chunk: 256,

@@ -6,7 +6,7 @@
 //! - [`evaluate`]: top-1, macro-F1, confusion matrix, base/novel/HM, Correction Rate against a
 //!   baseline; `report.json`, `report.md`, heatmaps. Zero-shot CLIP evaluation.
 //! - [`b2n`]: the base-to-novel table over datasets, seeds and methods.
-//! - [`bench`]: training-step cost of CoOp vs CAPT.
+//! - [`bench`](mod@bench): training-step cost of CoOp vs CAPT.
 
 pub mod b2n;
 pub mod backbone;

@@ -9,7 +9,7 @@ use capt_method::Method;
 use capt_train::backbone::{parse_device, parse_dtype, BackboneSpec};
 use capt_train::config::RunConfig;
 use capt_train::evaluate::EvalSubsample;
-use capt_train::{b2n, bench, evaluate, fit, TrainError};
+use capt_train::{b2n, bench, evaluate, fit};
 use clap::{Args, Parser, Subcommand};
 
 mod data_cmd;
@@ -275,9 +275,9 @@ struct TrainStepCli {
     torch: Option<String>,
     #[arg(long, default_value = "tools/ref_train_step.py")]
     torch_script: String,
-    /// Internal: measure one configuration (`--only coop --classes 10`) in this process.
-    #[arg(long, hide = true, value_parser = parse_method)]
-    only: Option<Method>,
+    /// Internal: measure CoOp and CAPT for this class count in this process.
+    #[arg(long, hide = true)]
+    child: Option<usize>,
 }
 
 fn parse_split(s: &str) -> Result<Split, String> {
@@ -444,21 +444,12 @@ fn run_b2n(a: B2nCli) -> anyhow::Result<ExitCode> {
 
 fn run_bench(a: TrainStepCli) -> anyhow::Result<ExitCode> {
     let config = a.cfg.load()?;
-    let only = match (a.only, a.classes.as_slice()) {
-        (Some(m), [c]) => Some((m, *c)),
-        (Some(_), _) => {
-            return Err(
-                TrainError::Config("--only needs exactly one --classes value".into()).into(),
-            )
-        }
-        (None, _) => None,
-    };
     bench::run(&bench::BenchArgs {
         classes: a.classes,
         steps: a.steps.max(1),
         size: a.size,
         config,
-        only,
+        child: a.child,
         torch_python: a.torch,
         torch_script: a.torch_script,
         forward: a.cfg.forward(),

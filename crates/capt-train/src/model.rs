@@ -35,6 +35,8 @@ pub struct TrainOutput {
     pub lb: f32,
     /// Pairs re-encoded with gradient this step.
     pub grad_pairs: usize,
+    /// SEM pair prompts encoded with gradient this step (COM + DIF sequences).
+    pub grad_sequences: usize,
 }
 
 pub struct Model {
@@ -260,45 +262,30 @@ impl Model {
         }
     }
 
-    /// The text side of a CAPT step, with gradients: class embeddings `[C, D]` and the fresh
-    /// COM `[S, D]` / DIF `[U, D]` embeddings of the step's pairs. Class and pair prompts
-    /// share one encoder pass (rows padded to one length, exact under the causal mask) when
-    /// the padding costs at most [`MERGE_WASTE_TOKENS`] tokens and no deep text prompts are
-    /// learned (they would replace the pair prompts' slots too); else two passes.
+    /// The text side of a CAPT step, with gradients: class embeddings `[C, D]` (one encoder
+    /// pass) and the fresh COM `[S, D]` / DIF `[U, D]` embeddings of the step's pairs (a
+    /// second pass holding both families). Sharing one pass with the class prompts was
+    /// measured slower on CPU: the pair rows are longer and padding the class rows to them
+    /// costs more than the pass saves.
     pub fn step_text(&self, step: &StepPairs) -> Result<(Tensor, Tensor, Tensor)> {
         let bb = &self.backbone;
-        let empty = || Tensor::zeros((0, bb.dim()), bb.work, &bb.device);
+        let class_emb = self.class_embeddings(true)?;
         if step.grad_pairs.is_empty() {
-            return Ok((self.class_embeddings(true)?, empty()?, empty()?));
+            let empty = Tensor::zeros((0, bb.dim()), bb.work, &bb.device)?;
+            return Ok((class_emb, empty.clone(), empty));
         }
         let com_pairs = &step.grad_pairs;
         let dif_pairs = step.dif_pairs();
         let mut lists = tables::pair_ids(self, Family::Com, com_pairs)?;
         lists.extend(tables::pair_ids(self, Family::Dif, &dif_pairs)?);
-        let pair_rows = bb.rows_from_ids(&lists, self.cfg.capt.sem.m_ctx)?;
-        let (c, s, u) = (self.num_classes(), com_pairs.len(), dif_pairs.len());
-        let (lc, lp) = (self.class_rows.ids.dim(1)?, pair_rows.ids.dim(1)?);
-        let l = lc.max(lp);
-        let waste = c * (l - lc) + (s + u) * (l - lp);
-        let merge = self.cfg.capt.prompt.text_depth == 1 && waste <= MERGE_WASTE_TOKENS;
-        let l = if merge { l } else { lp };
-        let pair_ids = pad_cols(&pair_rows.ids, l)?;
-        let mut groups = vec![
+        let rows = bb.rows_from_ids(&lists, self.cfg.capt.sem.m_ctx)?;
+        let (s, u) = (com_pairs.len(), dif_pairs.len());
+        let groups = [
             bb.text
-                .build_prompts(&self.params.get(COM_CTX)?, &pair_ids.narrow(0, 0, s)?)?,
+                .build_prompts(&self.params.get(COM_CTX)?, &rows.ids.narrow(0, 0, s)?)?,
             bb.text
-                .build_prompts(&self.params.get(DIF_CTX)?, &pair_ids.narrow(0, s, u)?)?,
+                .build_prompts(&self.params.get(DIF_CTX)?, &rows.ids.narrow(0, s, u)?)?,
         ];
-        let separate = if merge {
-            let class_ids = pad_cols(&self.class_rows.ids, l)?;
-            groups.insert(
-                0,
-                bb.text.build_prompts(&self.params.get(CTX)?, &class_ids)?,
-            );
-            None
-        } else {
-            Some(self.class_embeddings(true)?)
-        };
         let embeds: Vec<&Tensor> = groups.iter().map(|g| &g.embeds).collect();
         let eot: Vec<usize> = groups
             .iter()
@@ -308,12 +295,8 @@ impl Model {
             .text
             .forward_embeds(&Tensor::cat(&embeds, 0)?, &eot, None)?
             .to_dtype(bb.work)?;
-        let (class_emb, off) = match separate {
-            Some(t) => (t, 0),
-            None => (all.narrow(0, 0, c)?, c),
-        };
-        let mut fresh_com = all.narrow(0, off, s)?;
-        let mut fresh_dif = all.narrow(0, off + s, u)?;
+        let mut fresh_com = all.narrow(0, 0, s)?;
+        let mut fresh_dif = all.narrow(0, s, u)?;
         if let Some(desc) = &self.descriptions {
             fresh_com = desc.add_to_pairs(&fresh_com, Family::Com, com_pairs)?;
             fresh_dif = desc.add_to_pairs(&fresh_dif, Family::Dif, &dif_pairs)?;
@@ -346,6 +329,7 @@ impl Model {
                     loss,
                     logits: z,
                     grad_pairs: 0,
+                    grad_sequences: 0,
                 })
             }
             Some(hc) => {
@@ -364,6 +348,7 @@ impl Model {
                         &sel.class,
                         &sel.partners,
                         self.cfg.trainer.grad_pairs,
+                        self.cfg.trainer.grad_dif_reverse,
                     )?
                 } else {
                     StepPairs::default()
@@ -385,26 +370,11 @@ impl Model {
                     loss,
                     logits: out.logits,
                     grad_pairs: step.grad_pairs.len(),
+                    grad_sequences: fresh_com.dim(0)? + fresh_dif.dim(0)?,
                 })
             }
         }
     }
-}
-
-/// Padding (tokens) below which the class and pair prompts of a CAPT step share one
-/// text-encoder pass. On CPU each pass has a large fixed cost (every frozen weight is read in
-/// the forward and again in the backward, where candle also forms the unused weight
-/// gradients), worth roughly this many tokens at ViT-B/16 size.
-pub const MERGE_WASTE_TOKENS: usize = 128;
-
-/// Right-pads token ids `[n, L]` with 0 to `[n, l]`.
-fn pad_cols(ids: &Tensor, l: usize) -> Result<Tensor> {
-    let (n, cur) = ids.dims2()?;
-    if cur >= l {
-        return Ok(ids.clone());
-    }
-    let pad = Tensor::zeros((n, l - cur), ids.dtype(), ids.device())?;
-    Ok(Tensor::cat(&[ids, &pad], 1)?)
 }
 
 /// Top-1 predictions of logits `[N, C]`.

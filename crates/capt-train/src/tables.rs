@@ -4,9 +4,10 @@
 //! step costs `3 C K` text sequences. Instead the whole table (`t_com`, `t_dif`, `t_dif_rev`
 //! for every class and candidate) is encoded WITHOUT gradient once per epoch (after the bank
 //! refresh, with the current contexts), and each step re-encodes WITH gradient only the pairs
-//! its batch selects (deduplicated, at most `trainer.grad_pairs` of them, 0 = all) and splices
-//! them in differentiably: `table = cached * (1 - mask) + selection @ fresh`. Pairs a step
-//! does not re-encode read the epoch-start values.
+//! its batch selects (deduplicated, at most `trainer.grad_pairs` of them, 0 = all; see
+//! `Model::step_text`) and splices them in differentiably:
+//! `table = cached * (1 - mask) + selection @ fresh`. Pairs a step does not re-encode read
+//! the epoch's values.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -25,17 +26,21 @@ pub struct StepPairs {
     pub grad_pairs: Vec<(usize, usize)>,
     /// Distinct pairs the batch uses.
     pub used: usize,
+    /// Whether `t_dif(j, c)` is re-encoded with gradient too (`trainer.grad_dif_reverse`).
+    pub reverse_dif: bool,
 }
 
 impl StepPairs {
-    /// Both orders of every grad pair, deduplicated in first-seen order: the DIF prompts
-    /// to encode (`t_dif(c, j)` and `t_dif(j, c)`).
+    /// The DIF prompts to encode with gradient, deduplicated in first-seen order:
+    /// `t_dif(c, j)` of every grad pair, and `t_dif(j, c)` too with `reverse_dif`.
     pub fn dif_pairs(&self) -> Vec<(usize, usize)> {
         let mut ordered: Vec<(usize, usize)> = Vec::new();
         for &(c, j) in &self.grad_pairs {
-            for p in [(c, j), (j, c)] {
-                if !ordered.contains(&p) {
-                    ordered.push(p);
+            let both = [(c, j), (j, c)];
+            let n = if self.reverse_dif { 2 } else { 1 };
+            for p in &both[..n] {
+                if !ordered.contains(p) {
+                    ordered.push(*p);
                 }
             }
         }
@@ -44,7 +49,12 @@ impl StepPairs {
 
     /// From the head's selection (`class [N]`, `partners [N, K_p]`, I64): the distinct pairs,
     /// most used first (ties: first seen), capped at `limit` (0 = no cap).
-    pub fn from_selection(class: &Tensor, partners: &Tensor, limit: usize) -> Result<Self> {
+    pub fn from_selection(
+        class: &Tensor,
+        partners: &Tensor,
+        limit: usize,
+        reverse_dif: bool,
+    ) -> Result<Self> {
         let class = class.to_dtype(DType::I64)?.to_vec1::<i64>()?;
         let partners = partners.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let mut order: Vec<((usize, usize), usize)> = Vec::new();
@@ -68,6 +78,7 @@ impl StepPairs {
         Ok(Self {
             grad_pairs: order.into_iter().take(take).map(|(k, _)| k).collect(),
             used,
+            reverse_dif,
         })
     }
 }
@@ -462,5 +473,26 @@ pub fn encode_pairs(
     match model.descriptions.as_ref() {
         Some(desc) => desc.add_to_pairs(&emb, family, pairs),
         None => Ok(emb),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn step_pairs_are_deduplicated_most_used_first_and_capped() {
+        let dev = Device::Cpu;
+        // Images predicted as classes 2, 0, 2 with partners [[5, 1], [1, 3], [1, 5]].
+        let class = Tensor::new(&[2i64, 0, 2], &dev).unwrap();
+        let partners = Tensor::new(&[[5i64, 1], [1, 3], [1, 5]], &dev).unwrap();
+        let all = StepPairs::from_selection(&class, &partners, 0, false).unwrap();
+        assert_eq!(all.grad_pairs, vec![(2, 5), (2, 1), (0, 1), (0, 3)]);
+        assert_eq!(all.used, 4);
+        assert_eq!(all.dif_pairs(), vec![(2, 5), (2, 1), (0, 1), (0, 3)]);
+        let one = StepPairs::from_selection(&class, &partners, 1, true).unwrap();
+        assert_eq!(one.grad_pairs, vec![(2, 5)]);
+        assert_eq!(one.dif_pairs(), vec![(2, 5), (5, 2)]);
     }
 }

@@ -49,5 +49,6 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let d = max_abs_diff(got, want);
+    eprintln!("{name}: max abs diff {d:.2e}");
     assert!(d <= tol, "{name}: max abs diff {d:e} > {tol:e}");
 }

@@ -31,7 +31,16 @@ pub fn model() -> ModelDir {
 }
 
 pub fn tract() -> Arc<dyn Backend> {
-    Arc::new(TractBackend::load(&model(), &TractOptions { threads: 1 }).unwrap())
+    Arc::new(
+        TractBackend::load(
+            &model(),
+            &TractOptions {
+                threads: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
 }
 
 /// Wraps a backend and counts its calls and images.
