@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{capt_train, data_root, fit, names_in, repo};
+use common::{capt_train, data_root, fit, fit_with, names_in, repo};
 
 #[test]
 fn k_pairs_above_k_cand_is_rejected() {
@@ -10,20 +10,7 @@ fn k_pairs_above_k_cand_is_rejected() {
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[sem]\nk_cand = 2\nk_pairs = 3\n").unwrap();
     let out = dir.path().join("out");
-    let root = data_root().display().to_string();
-    let r = capt_train(&[
-        "fit",
-        "--dataset",
-        "dtd",
-        "--root",
-        &root,
-        "--backbone",
-        "tiny",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let r = fit_with(&cfg, "tiny", &out, &[]);
     assert_eq!(r.code, 1);
     assert!(
         r.stderr
@@ -74,26 +61,12 @@ fn checkpoint_of_another_backbone_is_refused() {
         r.stderr
     );
     // Resuming it with the other backbone is refused too.
-    let cfg = common::tiny_config().display().to_string();
-    let r = capt_train(&[
-        "fit",
-        "--dataset",
-        "dtd",
-        "--root",
-        &root,
-        "--backbone",
+    let r = fit_with(
+        &common::tiny_config(),
         other.to_str().unwrap(),
-        "--config",
-        &cfg,
-        "--method",
-        "coop",
-        "--epochs",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-        "--resume",
-        "--no-progress",
-    ]);
+        &out,
+        &["--method", "coop", "--epochs", "1", "--resume"],
+    );
     assert_eq!(r.code, 1);
     assert!(
         r.stderr.contains("was trained on backbone tiny"),
@@ -119,25 +92,7 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let root = data_root().display().to_string();
-    let r = capt_train(&[
-        "fit",
-        "--dataset",
-        "dtd",
-        "--root",
-        &root,
-        "--backbone",
-        "tiny",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--method",
-        "coop",
-        "--out",
-        out.to_str().unwrap(),
-        "--no-progress",
-    ]);
+    let r = fit_with(&cfg, "tiny", &out, &["--epochs", "3", "--method", "coop"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
         r.stderr.contains("loss is NaN") || r.stderr.contains("loss is inf"),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{capt_train, data_root, fit, names_in, read};
+use common::{capt_train, data_root, fit, fit_with, names_in, read};
 
 const FILES: [&str; 5] = [
     "learned.safetensors",
@@ -301,23 +301,7 @@ fn deep_text_visual_and_class_specific_prompts_train_and_evaluate() {
     )
     .unwrap();
     let out = dir.path().join("run");
-    let root = data_root().display().to_string();
-    let r = capt_train(&[
-        "fit",
-        "--dataset",
-        "dtd",
-        "--root",
-        &root,
-        "--backbone",
-        "tiny",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-        "--no-progress",
-    ]);
+    let r = fit_with(&cfg, "tiny", &out, &["--epochs", "1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let bytes = read(&out.join("checkpoint/learned.safetensors"));
     let st: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
@@ -339,6 +323,7 @@ fn deep_text_visual_and_class_specific_prompts_train_and_evaluate() {
     // No feature cache with vision prompts: the image tower runs every step.
     assert!(!out.join("feature-cache").exists());
     let ev = dir.path().join("ev");
+    let root = data_root().display().to_string();
     let r = capt_train(&[
         "eval",
         "--checkpoint",

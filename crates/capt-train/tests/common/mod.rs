@@ -38,8 +38,13 @@ pub fn capt_train(args: &[&str]) -> Run {
 
 /// `capt-train fit` on the DTD fixture with the tiny backbone and tiny.toml, plus `extra`.
 pub fn fit(out: &Path, extra: &[&str]) -> Run {
+    fit_with(&tiny_config(), "tiny", out, extra)
+}
+
+/// `capt-train fit` on the DTD fixture with the given config file and backbone, plus `extra`.
+pub fn fit_with(config: &Path, backbone: &str, out: &Path, extra: &[&str]) -> Run {
     let out = out.display().to_string();
-    let cfg = tiny_config().display().to_string();
+    let cfg = config.display().to_string();
     let root = data_root().display().to_string();
     let mut args = vec![
         "fit",
@@ -48,7 +53,7 @@ pub fn fit(out: &Path, extra: &[&str]) -> Run {
         "--root",
         &root,
         "--backbone",
-        "tiny",
+        backbone,
         "--config",
         &cfg,
         "--out",
