@@ -35,6 +35,10 @@ pub struct Manifest {
     pub backbone_sha256: String,
     /// Tool and version that wrote the directory, e.g. "capt-export 0.1.0".
     pub created_by: String,
+    /// What the graphs compute (`capt_model::ModelSpec` as JSON: architecture, method config,
+    /// text prompt families): lets the edge re-emit the classifier when classes are added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_spec: Option<serde_json::Value>,
 }
 
 /// Files of a model directory, paths relative to it.
@@ -283,6 +287,7 @@ mod tests {
             source_checkpoint_sha256: "x".into(),
             backbone_sha256: "y".into(),
             created_by: "test".into(),
+            model_spec: None,
         }
     }
 

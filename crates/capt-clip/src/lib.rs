@@ -22,7 +22,8 @@ pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::{ClipError, Result};
 pub use layers::Mode;
 pub use load::{
-    backbone_hash, expected_tensors, resolve_checkpoint, CheckpointFiles, CheckpointFormat,
+    backbone_hash, expected_tensors, load_hf_tensors, resolve_checkpoint, CheckpointFiles,
+    CheckpointFormat,
 };
 pub use model::{l2_normalize, ClipModel};
 pub use text::{ClipTextTower, DeepTextPrompts, TextPrompts};

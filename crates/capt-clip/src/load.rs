@@ -454,6 +454,37 @@ fn to_hf_tensors(
     Ok(out)
 }
 
+/// Reads a checkpoint (as [`ClipModel::load`]) into CPU tensors under their HF names, mapped
+/// from OpenAI / open_clip names when needed, every expected tensor present and shaped; with
+/// the architecture (`config` overrides the checkpoint's) and the files read.
+pub fn load_hf_tensors(
+    path: impl AsRef<Path>,
+    config: Option<&ClipConfig>,
+) -> Result<(ClipConfig, HashMap<String, Tensor>, CheckpointFiles)> {
+    let files = resolve_checkpoint(path)?;
+    let file = files.weights.as_path();
+    let raw = read_safetensors(file)?;
+    let keys: BTreeSet<String> = raw.keys().cloned().collect();
+    let format = detect_format(&keys, file)?;
+    let cfg = match (config, &files.config) {
+        (Some(c), _) => {
+            c.validate(file)?;
+            c.clone()
+        }
+        (None, Some(cfg_file)) => ClipConfig::from_hf_config_json(cfg_file)?,
+        (None, None) => {
+            let shapes = raw
+                .iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .collect();
+            infer_config(&shapes, format, file)?
+        }
+    };
+    let tensors = to_hf_tensors(raw, format, &cfg, file)?;
+    tracing::debug!(file = %file.display(), ?format, "read CLIP tensors");
+    Ok((cfg, tensors, files))
+}
+
 impl ClipModel {
     /// Loads a checkpoint: an HF directory (`config.json` + `model.safetensors`), or an HF / OpenAI
     /// / open_clip state dict in a `.safetensors` file (architecture from a `config.json` next to
@@ -473,33 +504,16 @@ impl ClipModel {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
             return Err(ClipError::UnsupportedDType(dtype));
         }
-        let files = resolve_checkpoint(path)?;
+        let (cfg, tensors, files) = load_hf_tensors(path, config)?;
         let file = files.weights.as_path();
-        let raw = read_safetensors(file)?;
-        let keys: BTreeSet<String> = raw.keys().cloned().collect();
-        let format = detect_format(&keys, file)?;
-        let cfg = match (config, &files.config) {
-            (Some(c), _) => {
-                c.validate(file)?;
-                c.clone()
-            }
-            (None, Some(cfg_file)) => ClipConfig::from_hf_config_json(cfg_file)?,
-            (None, None) => {
-                let shapes = raw
-                    .iter()
-                    .map(|(k, t)| (k.clone(), t.dims().to_vec()))
-                    .collect();
-                infer_config(&shapes, format, file)?
-            }
-        };
-        let tensors = to_hf_tensors(raw, format, &cfg, file)?
+        let tensors = tensors
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_device(device)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         let mut model = ClipModel::new(vb, &cfg)?;
         model.weights_file = Some(files.weights.clone());
-        tracing::info!(file = %file.display(), ?format, ?dtype, "loaded CLIP");
+        tracing::info!(file = %file.display(), ?dtype, "loaded CLIP");
         Ok(model)
     }
 }

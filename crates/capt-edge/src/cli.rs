@@ -32,6 +32,24 @@ pub enum Command {
     Bench(BenchArgs),
     /// Load-test a running server on this machine.
     Loadtest(LoadtestArgs),
+    /// Add classes: encodes the names with the model's text_encoder.onnx and rewrites the
+    /// classifier (new classes get prior candidates and empty confusion cells).
+    AddClass(ClassEditArgs),
+    /// Remove classes from the model's label set.
+    RemoveClass(ClassEditArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClassEditArgs {
+    /// Exported model directory (edited in place, atomically).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// Class names.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]

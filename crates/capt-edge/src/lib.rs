@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod input;
+pub mod labels;
 pub mod loadtest;
 pub mod metrics;
 pub mod openapi;

@@ -51,6 +51,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve(&args),
+        Command::AddClass(args) => class_edit(&args, true),
+        Command::RemoveClass(args) => class_edit(&args, false),
         Command::Loadtest(args) => {
             let rt = tokio::runtime::Runtime::new()?;
             let reports = rt.block_on(capt_edge::loadtest::run(&args))?;
@@ -69,6 +71,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn class_edit(args: &capt_edge::cli::ClassEditArgs, add: bool) -> anyhow::Result<ExitCode> {
+    let edit = if add {
+        capt_edge::labels::add_classes(&args.model, &args.names)?
+    } else {
+        capt_edge::labels::remove_classes(&args.model, &args.names)?
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&edit)?)?;
+    } else {
+        let (verb, list) = if add {
+            ("added", &edit.added)
+        } else {
+            ("removed", &edit.removed)
+        };
+        writeln!(
+            out,
+            "{verb} {} class(es): {}; the model now has {} classes ({} in {}, {:.2} s)",
+            list.len(),
+            list.join(", "),
+            edit.classes,
+            edit.classifier,
+            args.model.display(),
+            edit.seconds
+        )?;
+        writeln!(out, "restart running servers to pick up the new label set")?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {

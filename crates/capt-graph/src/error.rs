@@ -18,6 +18,7 @@ pub enum Error {
         got: usize,
     },
     /// candle failed while executing an op.
+    #[cfg(feature = "candle")]
     #[error("{op} (candle): {source}")]
     Candle {
         op: &'static str,
@@ -39,10 +40,12 @@ impl Error {
 }
 
 /// Attaches the op name to a candle error.
+#[cfg(feature = "candle")]
 pub(crate) trait CandleCtx<T> {
     fn ctx(self, op: &'static str) -> Result<T>;
 }
 
+#[cfg(feature = "candle")]
 impl<T> CandleCtx<T> for candle_core::Result<T> {
     fn ctx(self, op: &'static str) -> Result<T> {
         self.map_err(|source| Error::Candle { op, source })

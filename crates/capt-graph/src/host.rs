@@ -123,6 +123,23 @@ impl HostTensor {
         self.data.len()
     }
 
+    /// The elements when the tensor is F32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            HostData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The elements when the tensor is I64.
+    pub fn as_i64(&self) -> Option<&[i64]> {
+        match &self.data {
+            HostData::I64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    #[cfg(feature = "candle")]
     /// Copies a candle tensor to the host. `U8` becomes `Bool` (candle's mask type), `U32`
     /// becomes `I64`; `F16`/`BF16` become `F32`.
     pub fn from_candle(t: &candle_core::Tensor) -> Result<Self> {
@@ -159,6 +176,7 @@ impl HostTensor {
         Self::new(dims, data)
     }
 
+    #[cfg(feature = "candle")]
     /// Builds a candle tensor; float data is converted to `float_dtype` (F32 or F64).
     pub fn to_candle(
         &self,

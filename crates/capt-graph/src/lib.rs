@@ -5,11 +5,13 @@
 //! parity tests), and `capt_onnx::OnnxBuilder` records the very same calls as an ONNX graph
 //! (export to `classifier.onnx`). Parity tests run both and compare.
 
+#[cfg(feature = "candle")]
 mod candle;
 mod error;
 mod host;
 mod ops;
 
+#[cfg(feature = "candle")]
 pub use crate::candle::CandleOps;
 pub use error::{Error, Result};
 pub use host::{DType, HostData, HostTensor};

@@ -23,6 +23,9 @@ pub enum Error {
     /// The protobuf decoded but the model is incomplete or inconsistent.
     #[error("{}: invalid ONNX model: {msg}; the file is truncated or corrupt - re-export it", path.display())]
     Invalid { path: PathBuf, msg: String },
+    /// A model in memory is incomplete or holds data capt cannot read.
+    #[error("invalid ONNX model: {0}")]
+    Model(String),
     /// The model is too large for the chosen layout.
     #[error("{}: {msg}", path.display())]
     TooLarge { path: PathBuf, msg: String },

@@ -5,11 +5,13 @@
 //! gets exported. [`write_model`] writes it deterministically and atomically (external data
 //! above 2 GB), [`read_model`] loads it back with clear errors for truncated / corrupt files,
 //! and [`run_tract`] executes it for parity tests. The protobuf types are `tract_onnx::pb`
-//! (re-exported as [`pb`]), encoded with prost.
+//! (re-exported as [`pb`]), encoded with prost. [`quantize_weights_int8`] stores linear
+//! weights as int8 and [`read_params`] reads a graph's parameters back.
 
 mod builder;
 mod error;
 mod io;
+mod quant;
 mod tract_run;
 mod value;
 
@@ -20,6 +22,7 @@ pub use io::{
     ExternalData, WriteOptions, Written, EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, FILE_BYTES_KEY,
     PRODUCER, PROTOBUF_LIMIT,
 };
+pub use quant::{quantize_weights_int8, read_params, QuantReport, INT8_MIN_ELEMS, SCALE_SUFFIX};
 pub use tract_onnx::pb;
 pub use tract_run::run_tract;
 pub use value::{Dim, Value};

@@ -1,0 +1,159 @@
+//! `capt-export`: a trained CAPT checkpoint (or zero-shot CLIP) to ONNX for capt-edge,
+//! onnxruntime, TensorRT or Triton.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use capt_export::{Classes, ExportOptions, Format, Precision};
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Onnx,
+    Triton,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    F16,
+}
+
+/// Export a CAPT checkpoint (or zero-shot CLIP) as ONNX graphs with a capt.json manifest.
+///
+/// From a checkpoint:  capt-export --checkpoint runs/capt --out exported/capt
+/// Zero-shot CLIP:     capt-export --backbone models/clip --classes classes.txt --template "a photo of a {}." --out exported/zs
+#[derive(Debug, Parser)]
+#[command(name = "capt-export", version)]
+struct Args {
+    /// Checkpoint folder, or a training run's --out folder (its LATEST checkpoint).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// CLIP weights (HF folder or .safetensors). With --checkpoint: overrides the recorded
+    /// path (must have the recorded sha256). Without: a zero-shot export.
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    /// Output directory (written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "onnx")]
+    format: FormatArg,
+    /// Classes of the classifier: `base` (the trained classes), `all` (every class of the
+    /// checkpoint's dataset; needs --root) or a file with one class name per line.
+    /// Required for zero-shot exports.
+    #[arg(long)]
+    classes: Option<String>,
+    /// Dataset root for `--classes all`.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Zero-shot template (`{}` = class name).
+    #[arg(long, default_value = "a photo of a {}.")]
+    template: String,
+    /// Zero-shot: side of the pooled local-token grid of image_encoder.onnx.
+    #[arg(long, default_value_t = 4)]
+    local_grid: usize,
+    /// Weight precision: f32, or f16 (half-size files for GPU/TensorRT; compute stays f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
+    /// Store linear-layer weights as int8 with per-row scales (CPU edge; ~4x smaller).
+    #[arg(long)]
+    int8: bool,
+    #[arg(long, default_value_t = 17)]
+    opset: i64,
+    /// Skip text_encoder.onnx (no adding classes at the edge).
+    #[arg(long)]
+    no_text_encoder: bool,
+    /// Skip image_encoder.onnx.
+    #[arg(long)]
+    no_image_encoder: bool,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "capt_export=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(a: Args) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let src = match (&a.checkpoint, &a.backbone) {
+        (Some(ck), bb) => {
+            let classes = match a.classes.as_deref() {
+                None | Some("base") | Some("trained") => Classes::Trained,
+                Some("all") => Classes::All {
+                    root: a
+                        .root
+                        .clone()
+                        .context("--classes all reads the dataset's class list: pass --root DIR")?,
+                },
+                Some(file) => Classes::File(file.into()),
+            };
+            capt_export::from_checkpoint(ck, bb.as_deref(), &classes)?
+        }
+        (None, Some(bb)) => {
+            let Some(file) = a.classes.as_deref() else {
+                bail!("a zero-shot export (--backbone without --checkpoint) needs --classes FILE with one class name per line");
+            };
+            if matches!(file, "base" | "all" | "trained") {
+                bail!("--classes {file} needs a checkpoint; for zero-shot pass a file with one class name per line");
+            }
+            let names = capt_export::read_class_file(file.as_ref())?;
+            capt_export::zero_shot(bb, names, &a.template, a.local_grid)?
+        }
+        (None, None) => bail!(
+            "nothing to export: pass --checkpoint DIR (a trained run) or --backbone DIR --classes FILE (zero-shot CLIP)"
+        ),
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    let opts = ExportOptions {
+        precision: match a.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::F16 => Precision::F16,
+        },
+        int8: a.int8,
+        opset: a.opset,
+        text_encoder: !a.no_text_encoder,
+        image_encoder: !a.no_image_encoder,
+        format: match a.format {
+            FormatArg::Onnx => Format::Onnx,
+            FormatArg::Triton => Format::Triton,
+        },
+        force: a.force,
+    };
+    let r = capt_export::export(&src, &opts, &a.out)?;
+    println!(
+        "exported {} ({} classes, method {}) to {}",
+        src.model_name,
+        src.class_names.len(),
+        src.spec.method.name(),
+        r.out.display()
+    );
+    for (f, n) in &r.files {
+        println!("  {f:<36} {:>10.2} MB", *n as f64 / 1e6);
+    }
+    if let Some(q) = &r.quant {
+        println!(
+            "  int8: {} weight tensors, {:.1} MB -> {:.1} MB, max |w - dequant(q)| = {:.2e}",
+            q.tensors,
+            q.bytes_before as f64 / 1e6,
+            q.bytes_after as f64 / 1e6,
+            q.max_abs_error
+        );
+    }
+    println!(
+        "time: load {load_s:.2} s, build graphs {:.2} s, write {:.2} s",
+        r.build_seconds, r.write_seconds
+    );
+    Ok(())
+}

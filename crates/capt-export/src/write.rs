@@ -1,0 +1,360 @@
+//! Emits the graphs of an [`ExportSource`] and writes the model directory atomically.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use capt_backend::{FileEntry, Manifest, ModelFiles, FORMAT_VERSION, MANIFEST_FILE};
+use capt_core::PreprocessConfig;
+use capt_graph::{DType, HostTensor};
+use capt_model::{graphs, ModelSpec};
+use capt_onnx::{pb, BuildOptions, Dim, ModelMeta, OnnxBuilder, QuantReport, WriteOptions};
+
+use crate::error::{io, ExportError, Result};
+use crate::source::ExportSource;
+use crate::triton;
+
+/// Storage precision of the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// float32 everywhere.
+    #[default]
+    F32,
+    /// float16 weights (tensors of >= 1024 elements), widened at load: half the file size;
+    /// compute stays float32.
+    F16,
+}
+
+/// Layout of the output directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// `classifier.onnx`, `text_encoder.onnx`, `image_encoder.onnx`, `capt.json` (capt-edge).
+    #[default]
+    Onnx,
+    /// A Triton Inference Server model repository.
+    Triton,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportOptions {
+    pub precision: Precision,
+    /// Weight-only int8 for the linear layers (see `capt_onnx::quantize_weights_int8`).
+    pub int8: bool,
+    pub opset: i64,
+    pub text_encoder: bool,
+    pub image_encoder: bool,
+    pub format: Format,
+    /// Replace an existing output directory.
+    pub force: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            precision: Precision::F32,
+            int8: false,
+            opset: capt_onnx::OPSET,
+            text_encoder: true,
+            image_encoder: true,
+            format: Format::Onnx,
+            force: false,
+        }
+    }
+}
+
+/// One emitted graph.
+pub struct Graph {
+    /// `classifier`, `text_encoder` or `image_encoder`.
+    pub role: &'static str,
+    pub model: pb::ModelProto,
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub out: PathBuf,
+    /// Files written (relative path, bytes).
+    pub files: Vec<(String, u64)>,
+    pub build_seconds: f64,
+    pub write_seconds: f64,
+    pub quant: Option<QuantReport>,
+}
+
+pub use capt_onnx::INT8_MIN_ELEMS;
+
+fn metadata(src: &ExportSource, role: &str) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("capt.graph".into(), role.into());
+    m.insert("capt.format_version".into(), FORMAT_VERSION.to_string());
+    m.insert("capt.model_name".into(), src.model_name.clone());
+    m.insert("capt.method".into(), src.spec.method.name().into());
+    m.insert(
+        "capt.class_names".into(),
+        serde_json::to_string(&src.class_names).expect("strings serialise"),
+    );
+    m.insert(
+        "capt.embedding_dim".into(),
+        src.spec.clip.projection_dim.to_string(),
+    );
+    m.insert(
+        "capt.preprocess".into(),
+        serde_json::to_string(&preprocess(&src.spec)).expect("serialises"),
+    );
+    m.insert("capt.backbone_sha256".into(), src.backbone_sha256.clone());
+    m.insert(
+        "capt.source_checkpoint_sha256".into(),
+        src.source_checkpoint_sha256.clone(),
+    );
+    m.insert("capt.model_spec".into(), src.spec.to_json().to_string());
+    m
+}
+
+fn preprocess(spec: &ModelSpec) -> PreprocessConfig {
+    PreprocessConfig::clip(spec.clip.vision.image_size as u32)
+}
+
+fn builder(params: &BTreeMap<String, HostTensor>, opts: &ExportOptions) -> OnnxBuilder {
+    OnnxBuilder::new(
+        params.iter().map(|(k, v)| (k.clone(), v.clone())),
+        BuildOptions {
+            weights_f16: opts.precision == Precision::F16,
+            ..Default::default()
+        },
+    )
+}
+
+fn finish(b: OnnxBuilder, src: &ExportSource, role: &'static str) -> Result<Graph> {
+    let meta = ModelMeta {
+        graph_name: format!("capt_{role}"),
+        doc_string: format!(
+            "capt {role} ({}, {} classes), written by capt-export {}",
+            src.spec.method.name(),
+            src.class_names.len(),
+            env!("CARGO_PKG_VERSION")
+        ),
+        model_version: 1,
+        metadata: metadata(src, role),
+    };
+    Ok(Graph {
+        role,
+        model: b.finish(&meta)?,
+    })
+}
+
+/// `classifier.onnx`: `pixel_values [N, 3, H, W]` -> `logits`, `probs` `[N, C]`.
+pub fn classifier_graph(
+    src: &ExportSource,
+    params: &BTreeMap<String, HostTensor>,
+    opts: &ExportOptions,
+) -> Result<Graph> {
+    let b = builder(params, opts);
+    let s = src.spec.clip.vision.image_size;
+    let x = b.input(
+        "pixel_values",
+        DType::F32,
+        &["N".into(), 3.into(), s.into(), s.into()],
+    )?;
+    let out = graphs::classifier(&b, &src.spec, &x)?;
+    b.output("logits", &out.logits)?;
+    b.output("probs", &out.probs)?;
+    finish(b, src, "classifier")
+}
+
+/// `image_encoder.onnx`: `pixel_values` -> `image_embeds` (normalised), `global`, `local`.
+pub fn image_encoder_graph(src: &ExportSource, opts: &ExportOptions) -> Result<Graph> {
+    let b = builder(&src.params, opts);
+    let s = src.spec.clip.vision.image_size;
+    let x = b.input(
+        "pixel_values",
+        DType::F32,
+        &["N".into(), 3.into(), s.into(), s.into()],
+    )?;
+    let out = graphs::image_encoder(&b, &src.spec, &x)?;
+    b.output("image_embeds", &out.image_embeds)?;
+    b.output("global", &out.global)?;
+    b.output("local", &out.local)?;
+    finish(b, src, "image_encoder")
+}
+
+/// `text_encoder.onnx`: `input_ids [M, 77]` (I64, model vocabulary) -> one `[M, D]` output
+/// per prompt family of the spec.
+pub fn text_encoder_graph(src: &ExportSource, opts: &ExportOptions) -> Result<Graph> {
+    let b = builder(&src.params, opts);
+    let len = src.spec.clip.text.max_position_embeddings;
+    let ids = b.input("input_ids", DType::I64, &[Dim::Sym("M".into()), len.into()])?;
+    let outs = graphs::text_encoder(&b, &src.spec, &ids, len)?;
+    for (fam, o) in src.spec.text.families.iter().zip(&outs) {
+        b.output(fam.output(), o)?;
+    }
+    finish(b, src, "text_encoder")
+}
+
+/// Emits every graph the options ask for (int8 applied), in a fixed order.
+pub fn build_graphs(
+    src: &ExportSource,
+    opts: &ExportOptions,
+) -> Result<(Vec<Graph>, Option<QuantReport>)> {
+    if opts.opset != capt_onnx::OPSET {
+        return Err(ExportError::Input(format!(
+            "--opset {}: capt writes opset {} (ReduceMean and Squeeze change form in 18); use --opset {}",
+            opts.opset,
+            capt_onnx::OPSET,
+            capt_onnx::OPSET
+        )));
+    }
+    if opts.int8 && opts.precision == Precision::F16 {
+        return Err(ExportError::Input(
+            "--int8 and --precision f16 are exclusive: int8 is for CPU edge devices, f16 for GPUs; pick one".into(),
+        ));
+    }
+    let mut graphs = vec![classifier_graph(src, &src.params, opts)?];
+    if opts.text_encoder {
+        graphs.push(text_encoder_graph(src, opts)?);
+    }
+    if opts.image_encoder {
+        graphs.push(image_encoder_graph(src, opts)?);
+    }
+    let mut quant: Option<QuantReport> = None;
+    if opts.int8 {
+        for g in graphs.iter_mut() {
+            let r = capt_onnx::quantize_weights_int8(&mut g.model, INT8_MIN_ELEMS)?;
+            let q = quant.get_or_insert_with(QuantReport::default);
+            q.tensors += r.tensors;
+            q.bytes_before += r.bytes_before;
+            q.bytes_after += r.bytes_after;
+            q.max_abs_error = q.max_abs_error.max(r.max_abs_error);
+        }
+    }
+    Ok((graphs, quant))
+}
+
+/// The manifest for graph files already written under `dir`: `(role, path relative to dir)`;
+/// the classifier must be among them.
+pub fn manifest(src: &ExportSource, dir: &Path, files: &[(&str, String)]) -> Result<Manifest> {
+    let entry = |role: &str| -> Result<Option<FileEntry>> {
+        let Some((_, path)) = files.iter().find(|(r, _)| *r == role) else {
+            return Ok(None);
+        };
+        let sha256 = capt_backend::sha256_file(&dir.join(path))
+            .map_err(|e| ExportError::Input(e.to_string()))?;
+        Ok(Some(FileEntry {
+            path: path.clone(),
+            sha256,
+        }))
+    };
+    let classifier = entry("classifier")?
+        .ok_or_else(|| ExportError::Input("no classifier graph was written".into()))?;
+    Ok(Manifest {
+        format_version: FORMAT_VERSION,
+        model_name: src.model_name.clone(),
+        class_names: src.class_names.clone(),
+        embedding_dim: src.spec.clip.projection_dim,
+        preprocess: preprocess(&src.spec),
+        method: src.spec.method.name().into(),
+        files: ModelFiles {
+            classifier,
+            text_encoder: entry("text_encoder")?,
+            image_encoder: entry("image_encoder")?,
+        },
+        source_checkpoint_sha256: src.source_checkpoint_sha256.clone(),
+        backbone_sha256: src.backbone_sha256.clone(),
+        created_by: format!("capt-export {}", env!("CARGO_PKG_VERSION")),
+        model_spec: Some(src.spec.to_json()),
+    })
+}
+
+/// Writes `graphs` + `capt.json` into the (new, empty) directory `dir`.
+pub fn write_model_dir(
+    src: &ExportSource,
+    graphs: &[Graph],
+    dir: &Path,
+) -> Result<Vec<(String, u64)>> {
+    let mut files = Vec::new();
+    for g in graphs {
+        let name = format!("{}.onnx", g.role);
+        let w = capt_onnx::write_model(&dir.join(&name), &g.model, &WriteOptions::default())?;
+        files.push((name, w.model_bytes));
+        if let Some((p, n)) = w.data {
+            files.push((
+                p.file_name().unwrap_or_default().to_string_lossy().into(),
+                n,
+            ));
+        }
+    }
+    let entries: Vec<(&str, String)> = graphs
+        .iter()
+        .map(|g| (g.role, format!("{}.onnx", g.role)))
+        .collect();
+    let m = manifest(src, dir, &entries)?;
+    let text = serde_json::to_string_pretty(&m).expect("manifest serialises") + "\n";
+    let path = dir.join(MANIFEST_FILE);
+    std::fs::write(&path, &text).map_err(io(&path))?;
+    files.push((MANIFEST_FILE.into(), text.len() as u64));
+    Ok(files)
+}
+
+/// Builds and writes the export to `out` atomically: everything goes to a temporary sibling
+/// directory which is renamed into place only when complete (an existing `out` is replaced
+/// only with `force`).
+pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<ExportReport> {
+    if out.exists() && !opts.force {
+        return Err(ExportError::Input(format!(
+            "{} already exists; choose another --out or pass --force to replace it",
+            out.display()
+        )));
+    }
+    let t0 = Instant::now();
+    let (graphs, quant) = build_graphs(src, opts)?;
+    let build_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| ExportError::Input(format!("--out {} has no folder name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let result = match opts.format {
+        Format::Onnx => write_model_dir(src, &graphs, &tmp),
+        Format::Triton => triton::write_repository(src, &graphs, &tmp),
+    };
+    let files = match result {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    sync_dir(&tmp);
+    if out.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(io(out))?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+    }
+    sync_dir(&parent);
+    Ok(ExportReport {
+        out: out.to_path_buf(),
+        files,
+        build_seconds,
+        write_seconds: t1.elapsed().as_secs_f64(),
+        quant,
+    })
+}
+
+/// Best-effort fsync of a directory's entries (the rename's durability).
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}

@@ -1,0 +1,198 @@
+//! Adding and removing classes at the edge (`capt-edge add-class/remove-class`) on models
+//! written by capt-export: the text encoder's embeddings land in the classifier, CoOp logits
+//! with added classes equal capt-train's on the extended class list, and an add followed by a
+//! remove restores the CAPT classifier's logits.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use capt_backend::{Backend, ModelDir};
+use capt_backend_tract::{TractBackend, TractOptions};
+use capt_core::{ImageBatch, PreprocessConfig};
+use capt_export::{Classes, ExportOptions};
+use capt_train::backbone::{Backbone, BackboneSpec, ImageEncoder};
+use capt_train::model::Feats;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn backbone_dir() -> PathBuf {
+    repo().join("tests/fixtures/clip/tiny-hf")
+}
+
+fn train(out: &Path, method: capt_method::Method) {
+    let mut config = capt_train::config::RunConfig::from_toml_file(
+        &repo().join("tests/fixtures/train/tiny.toml"),
+    )
+    .unwrap();
+    config.capt.optim.epochs = 1;
+    config.capt.method = method;
+    let args = capt_train::fit::FitArgs {
+        dataset: "dtd".parse().unwrap(),
+        root: repo().join("tests/fixtures/coop"),
+        split_file: None,
+        config,
+        backbone: BackboneSpec::Path(backbone_dir()),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        seed: 2,
+        subsample: capt_data::Subsample::All,
+        out: out.to_path_buf(),
+        resume: false,
+        stop_after: None,
+        feature_cache: None,
+        progress: false,
+    };
+    capt_train::fit::fit(&args).unwrap();
+}
+
+fn batch(size: u32) -> ImageBatch {
+    let root = repo().join("tests/fixtures/coop/dtd/images");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .flat_map(|c| std::fs::read_dir(c.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let pre = PreprocessConfig::clip(size);
+    let data: Vec<f32> = files
+        .iter()
+        .step_by(3)
+        .take(5)
+        .flat_map(|f| pre.preprocess_file(f).unwrap())
+        .collect();
+    ImageBatch {
+        n: data.len() / (3 * size as usize * size as usize),
+        data,
+        height: size as usize,
+        width: size as usize,
+    }
+}
+
+fn classify(dir: &Path, b: &ImageBatch) -> (Vec<String>, Vec<f32>) {
+    let md = ModelDir::open(dir).unwrap();
+    let be = TractBackend::load(
+        &md,
+        &TractOptions {
+            threads: 1,
+            fixed_batches: vec![],
+        },
+    )
+    .unwrap();
+    (
+        md.manifest.class_names.clone(),
+        be.classify(b).unwrap().logits,
+    )
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const NEW: [&str; 2] = ["zebra stripes", "polka dots"];
+
+#[test]
+fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("coop");
+    train(&run, capt_method::Method::Coop);
+    let out = tmp.path().join("model");
+    let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
+    capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
+    let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
+    let edit = capt_edge::labels::add_classes(&out, &new).unwrap();
+    assert_eq!(edit.classes, src.class_names.len() + 2);
+    let b = batch(src.spec.clip.vision.image_size as u32);
+    let (names, got) = classify(&out, &b);
+    let mut all = src.class_names.clone();
+    all.extend(new.clone());
+    assert_eq!(names, all);
+    // capt-train scoring the checkpoint on the extended class list.
+    let dir = capt_train::checkpoint::resolve(&run).unwrap();
+    let state = capt_train::checkpoint::read_state(&dir).unwrap();
+    let bb = Backbone::load(
+        &BackboneSpec::Path(backbone_dir()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let scorer = capt_train::evaluate::scorer_from_checkpoint(bb, &dir, &state, &all).unwrap();
+    let enc = ImageEncoder::new(&scorer.model.backbone, 4).unwrap();
+    let px = Tensor::from_vec(b.data.clone(), (b.n, 3, b.height, b.width), &Device::Cpu).unwrap();
+    let (global, local) = enc.encode_pixels(&px).unwrap();
+    let want = scorer
+        .logits(&Feats { global, local })
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let d = max_diff(&got, &want);
+    println!("CoOp + 2 added classes vs capt-train eval: max |dlogit| {d:.3e}");
+    assert!(d <= 1e-4);
+    // The old classifier file is gone, the manifest names the new one, hashes check out.
+    assert!(!out.join("classifier.onnx").exists());
+    ModelDir::open(&out).unwrap();
+}
+
+#[test]
+fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("capt");
+    train(&run, capt_method::Method::Capt);
+    let out = tmp.path().join("model");
+    let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
+    capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
+    let b = batch(src.spec.clip.vision.image_size as u32);
+    let (names0, logits0) = classify(&out, &b);
+    let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
+    capt_edge::labels::add_classes(&out, &new).unwrap();
+    let (names1, logits1) = classify(&out, &b);
+    assert_eq!(names1.len(), names0.len() + 2);
+    assert!(logits1.iter().all(|v| v.is_finite()));
+    // New classes have candidate partners from the prior and empty cells.
+    let md = ModelDir::open(&out).unwrap();
+    let model = capt_onnx::read_model(&md.classifier_path()).unwrap();
+    let p = capt_onnx::read_params(&model).unwrap();
+    let cells = p[capt_model::names::CELLS].as_i64().unwrap();
+    let per_class = cells.len() / names1.len();
+    assert!(cells[names0.len() * per_class..].iter().all(|&c| c == -1));
+    let cand = p[capt_model::names::CAND_INDEX].as_i64().unwrap();
+    let k = cand.len() / names1.len();
+    for (y, row) in cand.chunks(k).enumerate() {
+        assert!(row
+            .iter()
+            .all(|&j| j as usize != y && (j as usize) < names1.len()));
+    }
+
+    capt_edge::labels::remove_classes(&out, &new).unwrap();
+    let (names2, logits2) = classify(&out, &b);
+    assert_eq!(names2, names0);
+    let d = max_diff(&logits2, &logits0);
+    println!("CAPT add 2 + remove 2 vs original: max |dlogit| {d:.3e}");
+    assert!(d <= 1e-5);
+
+    // Removing a trained class refills the candidate lists that named it.
+    let gone = names0[0].clone();
+    let edit = capt_edge::labels::remove_classes(&out, std::slice::from_ref(&gone)).unwrap();
+    assert_eq!(edit.classes, names0.len() - 1);
+    let (names3, logits3) = classify(&out, &b);
+    assert!(!names3.contains(&gone));
+    assert!(logits3.iter().all(|v| v.is_finite()));
+
+    // Errors name the problem.
+    let err = capt_edge::labels::add_classes(&out, std::slice::from_ref(&names3[0])).unwrap_err();
+    assert!(err.to_string().contains("already a class"), "{err}");
+    let err = capt_edge::labels::remove_classes(&out, &["no such".to_string()]).unwrap_err();
+    assert!(err.to_string().contains("not a class"), "{err}");
+    let err = capt_edge::labels::remove_classes(&out, &names3[1..].to_vec()).unwrap_err();
+    assert!(err.to_string().contains("at least 2"), "{err}");
+    let long = "word ".repeat(80);
+    let err = capt_edge::labels::add_classes(&out, &[long]).unwrap_err();
+    assert!(err.to_string().contains("shorter name"), "{err}");
+}

@@ -1,0 +1,467 @@
+//! End to end on the tiny CLIP and the DTD fixture: train CAPT one epoch, export, and check
+//! the ONNX graphs against `capt-train eval`'s own computation (tract, and onnxruntime when
+//! `ORT_DYLIB_PATH` is set), text-encoder parity, f16/int8 agreement, determinism, zero-shot
+//! export, Triton layout, and the bad-input errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use capt_backend::{Backend, ModelDir};
+use capt_backend_tract::{TractBackend, TractOptions};
+use capt_core::{ClipTokenizer, ImageBatch, PreprocessConfig};
+use capt_export::{Classes, ExportOptions, Format, Precision};
+use capt_graph::HostTensor;
+use capt_train::backbone::{Backbone, BackboneSpec, ImageEncoder};
+use capt_train::model::Feats;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn backbone_dir() -> PathBuf {
+    repo().join("tests/fixtures/clip/tiny-hf")
+}
+
+/// A one-epoch CAPT run on the DTD fixture (trained once per test binary).
+fn trained() -> &'static Path {
+    static RUN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &RUN.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
+        let mut config = capt_train::config::RunConfig::from_toml_file(
+            &repo().join("tests/fixtures/train/tiny.toml"),
+        )
+        .unwrap();
+        config.capt.optim.epochs = 1;
+        let args = capt_train::fit::FitArgs {
+            dataset: "dtd".parse().unwrap(),
+            root: repo().join("tests/fixtures/coop"),
+            split_file: None,
+            config,
+            backbone: BackboneSpec::Path(backbone_dir()),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            seed: 1,
+            subsample: capt_data::Subsample::All,
+            out: out.clone(),
+            resume: false,
+            stop_after: None,
+            feature_cache: None,
+            progress: false,
+        };
+        capt_train::fit::fit(&args).unwrap();
+        (tmp, out)
+    })
+    .1
+}
+
+/// Preprocessed DTD fixture images (one per class folder, sorted), and their file names.
+fn images(size: u32) -> ImageBatch {
+    let root = repo().join("tests/fixtures/coop/dtd/images");
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    classes.sort();
+    let pre = PreprocessConfig::clip(size);
+    let mut data = Vec::new();
+    let mut n = 0;
+    for c in classes.iter().take(6) {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(c)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        data.extend(pre.preprocess_file(&files[0]).unwrap());
+        n += 1;
+    }
+    ImageBatch {
+        data,
+        n,
+        height: size as usize,
+        width: size as usize,
+    }
+}
+
+fn tract(dir: &Path) -> TractBackend {
+    let md = ModelDir::open(dir).unwrap();
+    TractBackend::load(
+        &md,
+        &TractOptions {
+            threads: 1,
+            fixed_batches: vec![],
+        },
+    )
+    .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax_rows(v: &[f32], c: usize) -> Vec<usize> {
+    v.chunks(c)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0
+        })
+        .collect()
+}
+
+/// Logits the way `capt-train eval` computes them for a checkpoint.
+fn eval_logits(ckpt: &Path, batch: &ImageBatch) -> Vec<f32> {
+    let dir = capt_train::checkpoint::resolve(ckpt).unwrap();
+    let state = capt_train::checkpoint::read_state(&dir).unwrap();
+    let bb = Backbone::load(
+        &BackboneSpec::Path(backbone_dir()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let scorer =
+        capt_train::evaluate::scorer_from_checkpoint(bb, &dir, &state, &state.class_names).unwrap();
+    logits_of(&scorer, batch)
+}
+
+fn logits_of(scorer: &capt_train::evaluate::Scorer, batch: &ImageBatch) -> Vec<f32> {
+    let grid = scorer.model.cfg.capt.bank.local_grid;
+    let enc = ImageEncoder::new(&scorer.model.backbone, grid).unwrap();
+    let px = Tensor::from_vec(
+        batch.data.clone(),
+        (batch.n, 3, batch.height, batch.width),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (global, local) = enc.encode_pixels(&px).unwrap();
+    let l = scorer.logits(&Feats { global, local }).unwrap();
+    l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn export_to(out: &Path, opts: &ExportOptions) -> capt_export::ExportSource {
+    let src = capt_export::from_checkpoint(trained(), None, &Classes::Trained).unwrap();
+    capt_export::export(&src, opts, out).unwrap();
+    src
+}
+
+#[test]
+fn classifier_matches_capt_train_eval_in_tract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("capt");
+    let src = export_to(&out, &ExportOptions::default());
+    assert_eq!(src.spec.method, capt_method::Method::Capt);
+    let size = src.spec.clip.vision.image_size as u32;
+    let batch = images(size);
+    let want = eval_logits(trained(), &batch);
+    let got = tract(&out).classify(&batch).unwrap();
+    let d = max_diff(&got.logits, &want);
+    println!(
+        "tract vs capt-train eval: max |dlogit| = {d:.3e} over {} images",
+        batch.n
+    );
+    assert!(d <= 1e-4, "tract logits differ from eval by {d}");
+    // probs are the softmax of the logits.
+    let c = got.classes;
+    for i in 0..batch.n {
+        let s: f32 = got.probs_row(i).iter().sum();
+        assert!((s - 1.0).abs() < 1e-5);
+    }
+    assert_eq!(argmax_rows(&got.logits, c), argmax_rows(&want, c));
+
+    // The manifest describes the export.
+    let md = ModelDir::open(&out).unwrap();
+    let m = &md.manifest;
+    assert_eq!(m.class_names, src.class_names);
+    assert_eq!(m.method, "capt");
+    assert!(m.files.text_encoder.is_some() && m.files.image_encoder.is_some());
+    assert_eq!(
+        m.backbone_sha256,
+        capt_clip::backbone_hash(backbone_dir()).unwrap()
+    );
+    assert_eq!(m.source_checkpoint_sha256.len(), 64);
+    let spec = capt_model::ModelSpec::from_json(m.model_spec.as_ref().unwrap()).unwrap();
+    assert_eq!(spec, src.spec);
+    // Mirrored into the ONNX metadata.
+    let model = capt_onnx::read_model(&out.join("classifier.onnx")).unwrap();
+    let meta: std::collections::BTreeMap<_, _> = model
+        .metadata_props
+        .iter()
+        .map(|p| (p.key.clone(), p.value.clone()))
+        .collect();
+    assert_eq!(meta["capt.method"], "capt");
+    assert_eq!(
+        meta["capt.class_names"],
+        serde_json::to_string(&src.class_names).unwrap()
+    );
+
+    // onnxruntime, when the library is available.
+    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+        let ort = capt_backend_ort::OrtBackend::load(
+            &md,
+            &capt_backend_ort::OrtOptions {
+                lib: None,
+                device: capt_backend_ort::Device::Cpu,
+                device_id: 0,
+                allow_fallback: false,
+                threads: 1,
+            },
+        )
+        .unwrap();
+        let o = ort.classify(&batch).unwrap();
+        let d = max_diff(&o.logits, &want);
+        println!("onnxruntime vs capt-train eval: max |dlogit| = {d:.3e}");
+        assert!(d <= 1e-4, "ort logits differ from eval by {d}");
+    } else {
+        println!("notice: ORT_DYLIB_PATH not set; onnxruntime parity skipped");
+    }
+}
+
+/// Class-row token ids as the trainer builds them (model vocabulary, padded to 77).
+fn class_ids(bb: &Backbone, texts: &[String]) -> HostTensor {
+    let tok = ClipTokenizer::bundled().unwrap();
+    let mut ids = Vec::new();
+    for t in texts {
+        let row = tok.encode(t).unwrap();
+        let mut r: Vec<i64> = row.iter().map(|&i| bb.tokens.map(i) as i64).collect();
+        r.resize(77, 0);
+        ids.extend(r);
+    }
+    HostTensor::i64(vec![texts.len(), 77], ids).unwrap()
+}
+
+#[test]
+fn text_encoder_reproduces_class_embeddings_and_encodes_new_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("capt");
+    let src = export_to(&out, &ExportOptions::default());
+    let bb = Backbone::load(
+        &BackboneSpec::Path(backbone_dir()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let texts: Vec<String> = src
+        .class_names
+        .iter()
+        .map(|c| src.spec.text.text(capt_model::TextFamily::Class, c, ""))
+        .collect();
+    let ids = class_ids(&bb, &texts);
+    let outs = capt_onnx::run_tract(&out.join("text_encoder.onnx"), &[ids]).unwrap();
+    assert_eq!(outs.len(), src.spec.text.families.len());
+    let want = src.params[capt_model::names::CLASS_EMB].as_f32().unwrap();
+    let got = outs[0].as_f32().unwrap();
+    let d = max_diff(got, want);
+    println!("text_encoder vs trainer class embeddings: max diff {d:.3e}");
+    assert!(d <= 1e-5, "text encoder differs from the trainer by {d}");
+    // A name the model never saw gets a finite embedding different from every class's.
+    let ids = class_ids(&bb, &["zebra stripes.".to_string()]);
+    let outs = capt_onnx::run_tract(&out.join("text_encoder.onnx"), &[ids]).unwrap();
+    let e = outs[0].as_f32().unwrap();
+    assert!(e.iter().all(|v| v.is_finite()));
+    let dim = src.spec.clip.projection_dim;
+    assert!(want.chunks(dim).all(|row| max_diff(row, e) > 1e-3));
+}
+
+#[test]
+fn export_is_byte_deterministic_and_atomic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    export_to(&a, &ExportOptions::default());
+    export_to(&b, &ExportOptions::default());
+    for f in [
+        "classifier.onnx",
+        "text_encoder.onnx",
+        "image_encoder.onnx",
+        "capt.json",
+    ] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between two exports of one checkpoint"
+        );
+    }
+    // An existing directory is kept unless --force; no temporary folders are left behind.
+    let src = capt_export::from_checkpoint(trained(), None, &Classes::Trained).unwrap();
+    let err = capt_export::export(&src, &ExportOptions::default(), &a).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    let forced = ExportOptions {
+        force: true,
+        ..Default::default()
+    };
+    capt_export::export(&src, &forced, &a).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn f16_and_int8_agree_with_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_dir = tmp.path().join("f32");
+    let src = export_to(&f32_dir, &ExportOptions::default());
+    let batch = images(src.spec.clip.vision.image_size as u32);
+    let base = tract(&f32_dir).classify(&batch).unwrap();
+    let c = base.classes;
+    for (name, opts) in [
+        (
+            "f16",
+            ExportOptions {
+                precision: Precision::F16,
+                ..Default::default()
+            },
+        ),
+        (
+            "int8",
+            ExportOptions {
+                int8: true,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let dir = tmp.path().join(name);
+        export_to(&dir, &opts);
+        let o = tract(&dir).classify(&batch).unwrap();
+        let agree = argmax_rows(&o.logits, c)
+            .iter()
+            .zip(argmax_rows(&base.logits, c))
+            .filter(|(a, b)| **a == *b)
+            .count();
+        let d = max_diff(&o.logits, &base.logits);
+        println!(
+            "{name}: top-1 agreement {agree}/{} with f32, max |dlogit| {d:.3e}, classifier {} bytes vs {}",
+            batch.n,
+            std::fs::metadata(dir.join("classifier.onnx")).unwrap().len(),
+            std::fs::metadata(f32_dir.join("classifier.onnx")).unwrap().len()
+        );
+        assert_eq!(agree, batch.n, "{name} changes a top-1 prediction");
+    }
+    // f16 + int8 together is refused.
+    let both = ExportOptions {
+        precision: Precision::F16,
+        int8: true,
+        ..Default::default()
+    };
+    let err = capt_export::export(&src, &both, &tmp.path().join("x")).unwrap_err();
+    assert!(err.to_string().contains("exclusive"), "{err}");
+}
+
+#[test]
+fn zero_shot_export_matches_capt_train_zeroshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names: Vec<String> = ["banded", "blotchy", "braided", "bubbly"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let template = "a photo of a {}, a type of texture.";
+    let src = capt_export::zero_shot(&backbone_dir(), names.clone(), template, 4).unwrap();
+    let out = tmp.path().join("zs");
+    capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
+    let batch = images(src.spec.clip.vision.image_size as u32);
+    let got = tract(&out).classify(&batch).unwrap();
+    let bb = Backbone::load(
+        &BackboneSpec::Path(backbone_dir()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let scorer = capt_train::evaluate::zero_shot_scorer(
+        bb,
+        &capt_train::config::RunConfig::default(),
+        &names,
+        template,
+    )
+    .unwrap();
+    let want = logits_of(&scorer, &batch);
+    let d = max_diff(&got.logits, &want);
+    println!("zero-shot export vs capt-train zeroshot: max |dlogit| {d:.3e}");
+    assert!(d <= 1e-4);
+    assert_eq!(ModelDir::open(&out).unwrap().manifest.method, "zero-shot");
+}
+
+#[test]
+fn triton_repository_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("repo");
+    let src = export_to(
+        &out,
+        &ExportOptions {
+            format: Format::Triton,
+            ..Default::default()
+        },
+    );
+    let cfg = std::fs::read_to_string(out.join("capt_classifier/config.pbtxt")).unwrap();
+    assert!(cfg.contains("name: \"capt_classifier\""));
+    assert!(cfg.contains("dynamic_batching"));
+    assert!(cfg.contains(&format!("dims: [ {} ]", src.class_names.len())));
+    let labels = std::fs::read_to_string(out.join("capt_classifier/labels.txt")).unwrap();
+    assert_eq!(labels.lines().count(), src.class_names.len());
+    assert!(out.join("capt_text_encoder/1/model.onnx").is_file());
+    // The classifier folder is also a capt-edge model directory.
+    ModelDir::open(out.join("capt_classifier")).unwrap();
+}
+
+#[test]
+fn bad_checkpoints_are_named_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Not a checkpoint.
+    let err = capt_export::from_checkpoint(tmp.path(), None, &Classes::Trained)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("no checkpoint here"), "{err}");
+    // Incomplete: copy the checkpoint without its tables.
+    let dir = capt_train::checkpoint::resolve(trained()).unwrap();
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "tables.safetensors" {
+            std::fs::copy(&p, broken.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let err = capt_export::from_checkpoint(&broken, None, &Classes::Trained)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("tables.safetensors is missing"),
+        "{err}"
+    );
+    // Another backbone (same architecture, other weights): the hash check refuses it.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(
+        backbone_dir().join("config.json"),
+        other.join("config.json"),
+    )
+    .unwrap();
+    let mut w = std::fs::read(backbone_dir().join("model.safetensors")).unwrap();
+    let last = w.len() - 1;
+    w[last] ^= 0x01;
+    std::fs::write(other.join("model.safetensors"), w).unwrap();
+    let err = capt_export::from_checkpoint(trained(), Some(&other), &Classes::Trained)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("sha256"), "{err}");
+    // A missing backbone.
+    let err =
+        capt_export::from_checkpoint(trained(), Some(&tmp.path().join("nope")), &Classes::Trained)
+            .err()
+            .unwrap();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    // A bad class list.
+    let list = tmp.path().join("classes.txt");
+    std::fs::write(&list, "a\nb\na\n").unwrap();
+    let err = capt_export::from_checkpoint(trained(), None, &Classes::File(list))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("twice"), "{err}");
+}
