@@ -3,7 +3,10 @@
 #   1. validate the bundled DTD sample (CoOp layout),
 #   2. zero-shot CLIP baseline report,
 #   3. tune CAPT (Confusion Bank, SEM, SAM + Diff-Manner Adapter, MGDE),
-#   4. evaluate it against the baseline (top-1, macro-F1, confusion heatmap, Correction Rate).
+#   4. evaluate it against the baseline (top-1, macro-F1, confusion heatmap, Correction Rate),
+#   5. export it to ONNX (capt-export: classifier, text and image encoders, capt.json),
+#   6. classify sample images with capt-edge on tract (the embedded default),
+#   7. serve it over HTTP on loopback, classify through the API, and shut down gracefully.
 # Uses real weights from models/<name>/ (HF format: config.json + model.safetensors) when
 # present, otherwise the small generated CLIP of the real architecture in tests/fixtures/clip.
 # Environment: DATA (CoOp $DATA root, default the bundled sample), DATASET (default dtd),
@@ -32,25 +35,59 @@ else
   echo "using CLIP weights from $backbone"
 fi
 
-cargo build --release -p capt-train
-bin=target/release/capt-train
+cargo build --release -p capt-train -p capt-export -p capt-edge
+# Where cargo put them (CARGO_TARGET_DIR or build.target-dir may move them off ./target).
+release=$(cargo metadata --format-version 1 --no-deps \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+bin=$release/capt-train
 
-echo "== 1/4 data check"
+echo "== 1/7 data check"
 "$bin" data check --dataset "$DATASET" --root "$DATA"
 
-echo "== 2/4 zero-shot baseline"
+echo "== 2/7 zero-shot baseline"
 "$bin" zeroshot --dataset "$DATASET" --root "$DATA" --backbone "$backbone" --out "$OUT/zeroshot"
 
-echo "== 3/4 CAPT tuning"
+echo "== 3/7 CAPT tuning"
 "$bin" fit --dataset "$DATASET" --root "$DATA" --backbone "$backbone" --method capt \
   --shots "$SHOTS" --epochs "$EPOCHS" --seed 1 --subsample all --out "$OUT/capt"
 
-echo "== 4/4 evaluation against the zero-shot baseline"
+echo "== 4/7 evaluation against the zero-shot baseline"
 "$bin" eval --checkpoint "$OUT/capt" --dataset "$DATASET" --root "$DATA" --subsample all \
   --baseline "$OUT/zeroshot/report.json" --out "$OUT/capt-eval"
+
+echo "== 5/7 export to ONNX"
+"$release/capt-export" --checkpoint "$OUT/capt" --out "$OUT/export" --force
+
+# A few of the dataset's images (first file of the first three class folders).
+imgs=()
+for d in $(ls -d "$DATA"/*/images/*/ 2>/dev/null | head -n 3); do
+  imgs+=("$d$(ls "$d" | head -n 1)")
+done
+
+echo "== 6/7 classify with capt-edge (tract)"
+"$release/capt-edge" classify --model "$OUT/export" --top-k 3 "${imgs[@]}"
+
+echo "== 7/7 serve over HTTP (loopback) and classify through the API"
+port=${PORT:-18089}
+"$release/capt-edge" serve --model "$OUT/export" --addr "127.0.0.1:$port" > "$OUT/serve.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && break
+  sleep 0.1
+done
+curl -sf "http://127.0.0.1:$port/v1/model" | python3 -c 'import json,sys; m=json.load(sys.stdin); print("model:", {k: m[k] for k in m if k in ("name", "method", "version", "num_classes", "backend")})'
+curl -sf -X POST --data-binary "@${imgs[0]}" -H 'content-type: application/octet-stream' \
+  "http://127.0.0.1:$port/v1/classify?top_k=3"
+echo
+kill -TERM $server
+wait $server || true
+trap - EXIT
 
 echo
 echo "artefacts:"
 echo "  zero-shot report : $OUT/zeroshot/report.md"
 echo "  CAPT checkpoint  : $OUT/capt (training log: $OUT/capt/train.jsonl)"
 echo "  CAPT report      : $OUT/capt-eval/report.md (heatmap: $OUT/capt-eval/confusion.png)"
+echo "  exported model   : $OUT/export (capt.json, classifier.onnx, text_encoder.onnx, image_encoder.onnx)"
+echo "  server log       : $OUT/serve.log"

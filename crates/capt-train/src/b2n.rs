@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use capt_data::{DatasetKind, Split, Subsample};
+use capt_data::{DatasetKind, Layout, Split, Subsample};
 use capt_method::metrics::{harmonic_mean, write_atomic};
 use capt_method::Method;
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,10 @@ pub struct B2nArgs {
     pub seeds: Vec<u64>,
     pub methods: Vec<Method>,
     pub root: PathBuf,
+    /// Split-file name for datasets laid out by a split file, `{name}` standing for the part
+    /// of CoOp's file name after `split_zhou_` (`split_mini_{name}.json` ->
+    /// `split_mini_DescribableTextures.json`); relative to each dataset folder. `None`: CoOp's.
+    pub split_file: Option<String>,
     pub config: RunConfig,
     pub backbone: BackboneSpec,
     pub device: Device,
@@ -69,6 +73,8 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
     let feature_cache = args.out.join("feature-cache");
     let mut rows = Vec::new();
     for &kind in &args.datasets {
+        let split_file = split_file_for(kind, args.split_file.as_deref());
+        let split_file = split_file.as_deref();
         // Test features of each half, shared by every method without vision prompts.
         let mut memo: BTreeMap<String, SplitFeatures> = BTreeMap::new();
         for &method in &args.methods {
@@ -85,7 +91,7 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                     let summary = fit(&FitArgs {
                         dataset: kind,
                         root: args.root.clone(),
-                        split_file: None,
+                        split_file: split_file.map(PathBuf::from),
                         config: cfg.clone(),
                         backbone: args.backbone.clone(),
                         device: args.device.clone(),
@@ -108,7 +114,7 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                 let mut parts = Vec::new();
                 let mut name = String::new();
                 for part in [Subsample::Base, Subsample::New] {
-                    let ds = load_dataset(kind, &args.root, None, 0, seed, part)?;
+                    let ds = load_dataset(kind, &args.root, split_file, 0, seed, part)?;
                     name = ds.name.clone();
                     let scorer: Scorer = match &ckpt {
                         Some(dir) => {
@@ -172,6 +178,20 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
     }
     print!("{md}");
     Ok(rows)
+}
+
+/// The split file of `kind` named by `template` (see [`B2nArgs::split_file`]); `None` for
+/// CoOp's own file and for datasets whose splits are not a split file (ImageNet, Aircraft).
+pub fn split_file_for(kind: DatasetKind, template: Option<&str>) -> Option<PathBuf> {
+    match (kind.layout(), template) {
+        (Layout::SplitFile { split_file }, Some(t)) => {
+            let name = split_file
+                .trim_start_matches("split_zhou_")
+                .trim_end_matches(".json");
+            Some(PathBuf::from(t.replace("{name}", name)))
+        }
+        _ => None,
+    }
 }
 
 /// Seed means per (dataset, method), datasets in first-seen order.
@@ -316,5 +336,21 @@ mod tests {
         let (md, csv) = render(&rows, &[Method::Coop]);
         assert!(md.contains("| coop | 72.50 | 52.50 |"), "{md}");
         assert!(csv.contains("average,coop,mean,72.5000,52.5000"), "{csv}");
+    }
+
+    #[test]
+    fn split_file_template_names_each_datasets_file() {
+        let t = Some("split_mini_{name}.json");
+        assert_eq!(
+            split_file_for(DatasetKind::Dtd, t),
+            Some(PathBuf::from("split_mini_DescribableTextures.json"))
+        );
+        assert_eq!(
+            split_file_for(DatasetKind::EuroSat, t),
+            Some(PathBuf::from("split_mini_EuroSAT.json"))
+        );
+        // No split file in these layouts, and no template: CoOp's default.
+        assert_eq!(split_file_for(DatasetKind::ImageNet, t), None);
+        assert_eq!(split_file_for(DatasetKind::Dtd, None), None);
     }
 }

@@ -518,3 +518,25 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_flags_parse_or_say_how_to_fix() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda0"] {
+            let e = parse_device(bad).unwrap_err().to_string();
+            assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+        // Without the `cuda` feature a well-formed CUDA device names the feature to build.
+        #[cfg(not(feature = "cuda"))]
+        for ok in ["cuda", "cuda:1"] {
+            let e = parse_device(ok).unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{ok}: {e}");
+        }
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert!(parse_dtype("f64").is_err());
+    }
+}

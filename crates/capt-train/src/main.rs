@@ -234,6 +234,10 @@ struct B2nCli {
     methods: Vec<Method>,
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
+    /// Split-file name for datasets with a split file, `{name}` = the part of CoOp's name
+    /// after `split_zhou_` (e.g. `split_mini_{name}.json`); relative to each dataset folder.
+    #[arg(long, value_name = "TEMPLATE")]
+    split_file: Option<String>,
     #[arg(long, value_name = "DIR|tiny")]
     backbone: String,
     #[command(flatten)]
@@ -296,6 +300,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour escapes in logs redirected to a file (demo, b2n runs).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -432,6 +438,7 @@ fn run_b2n(a: B2nCli) -> anyhow::Result<ExitCode> {
         seeds: a.seeds,
         methods: a.methods,
         root: a.root,
+        split_file: a.split_file,
         config,
         backbone: BackboneSpec::parse(&a.backbone),
         device: parse_device(&a.device.device)?,

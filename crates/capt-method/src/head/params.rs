@@ -15,6 +15,22 @@ pub const ROUTER: &str = "capt.mgde.router";
 /// Expert gains, `[3]`.
 pub const GAINS: &str = "capt.mgde.gains";
 
+/// Standard deviation of the adapter MLPs' output weights (`fc2.weight`).
+///
+/// The spec asks for both a zero-initialised last adapter layer and a zero expert gain. With
+/// both at zero the sample expert is dead: `dz_2 = 0` because `h = 0`, so
+/// `d loss / d gains[2] = g_2 * dz_2 = 0`, and every logit path into the adapter carries the
+/// factor `gains[2] = 0`. Only rounding and the load-balance term (through the router's
+/// `f_sam` input, ~1e-7) ever reach it (measured in capt-train's `tests/grad.rs`: `gains[2]`
+/// ~4e-10 after a step instead of ~1e-4). One of the two must start off zero. Keeping the gain at 0 keeps logits at init *bit for bit* equal to the base
+/// model's (`z_base + g * 0 * dz`, which a non-zero gain times `dz = tau (norm(f + 0) - f)
+/// . T` would not: `norm(norm(f))` differs from `norm(f)` in the last bits), so the output
+/// layer gets a small random init instead: step 1 gives `gains[2]` a gradient through
+/// `dz_2 != 0`, and from step 2 on the adapter learns through `gains[2] != 0`, as the
+/// semantic experts' contexts do through `gains[0..2]`. 0.01 keeps the initial shift small
+/// (`|h| ~ 0.03` for ViT-B/16 features, against `|f| = 1`).
+pub const ADAPTER_OUT_INIT_STD: f32 = 0.01;
+
 /// How a parameter starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ParamInit {
@@ -54,12 +70,15 @@ pub fn head_params(cfg: &HeadConfig) -> Vec<ParamSpec> {
             let fc1 = ParamInit::KaimingUniform { fan_in: d };
             out.push(spec(format!("{prefix}.fc1.weight"), vec![h, d], fc1));
             out.push(spec(format!("{prefix}.fc1.bias"), vec![h], fc1));
-            // Zero last layer: the adapter starts as h = 0.
             out.push(spec(
                 format!("{prefix}.fc2.weight"),
                 vec![d, h],
-                ParamInit::Zeros,
+                ParamInit::Normal {
+                    std: ADAPTER_OUT_INIT_STD,
+                },
             ));
+            // Zero bias: an image with no retrieved sample still gets h = 0 exactly (it is
+            // masked anyway), and the bias learns once gains[2] moves.
             out.push(spec(
                 format!("{prefix}.fc2.bias"),
                 vec![d],
@@ -198,7 +217,11 @@ mod tests {
         let by = |n: &str| specs.iter().find(|s| s.name == n).unwrap();
         assert_eq!(by("capt.sam.global.fc1.weight").shape, [4, 8]);
         assert_eq!(by("capt.sam.local.fc2.weight").shape, [8, 4]);
-        assert_eq!(by("capt.sam.local.fc2.weight").init, ParamInit::Zeros);
+        // Small random output layers: with zero gains AND zero fc2 the adapter never learns.
+        for n in ["capt.sam.global.fc2.weight", "capt.sam.local.fc2.weight"] {
+            assert_eq!(by(n).init, ParamInit::Normal { std: 0.01 }, "{n}");
+        }
+        assert_eq!(by("capt.sam.local.fc2.bias").init, ParamInit::Zeros);
         assert_eq!(by("capt.mgde.router").shape, [3, 24]);
         assert_eq!(by("capt.mgde.gains").init, ParamInit::Zeros);
         // Ablations drop what they never read.
@@ -228,6 +251,10 @@ mod tests {
                     let bound = 1.0 / 8f32.sqrt();
                     assert!(data.iter().all(|v| v.abs() <= bound));
                     assert!(data.iter().any(|v| v.abs() > 0.1 * bound));
+                }
+                n if n.ends_with("fc2.weight") => {
+                    assert!(data.iter().all(|v| v.abs() < 0.1), "{name}");
+                    assert!(data.iter().filter(|v| v.abs() > 0.001).count() > data.len() / 2);
                 }
                 _ => assert!(data.iter().all(|&v| v == 0.0), "{name} must start at 0"),
             }

@@ -943,6 +943,11 @@ fn gradients_reach_every_parameter_and_table() -> Res {
             .get(v.as_tensor())
             .map_or(0.0, |g| host(g).iter().map(|x| x.abs()).sum())
     };
+    // Every expert's gain, the sample expert's included: its correction must already be
+    // non-zero at init (adapter output layer not zero), or gains[2] would never move.
+    let v = &b.vars.iter().find(|v| v.0 == GAINS).unwrap().1;
+    let g = host(grads.get(v.as_tensor()).expect("gains gradient"));
+    assert!(g.iter().all(|x| x.abs() > 1e-4), "gains at init: {g:?}");
     assert!(gsum(GAINS, &grads) > 1e-4, "gains get no gradient at init");
 
     // Trained: every capt.* parameter and the class / COM / DIF tables.
@@ -974,6 +979,49 @@ fn gradients_reach_every_parameter_and_table() -> Res {
             let s: f64 = g.iter().map(|x| x.abs()).sum();
             // Ablations zero the gains of disabled experts; the rest must move.
             assert!(s > 1e-6, "{method}: {name} gradient is zero");
+        }
+    }
+    Ok(())
+}
+
+/// From the initial parameters, two plain gradient steps: by the second one every head
+/// parameter must get a gradient (the first moves the gains off zero; a parameter whose only
+/// path runs through a gain that can never move, as with a zero adapter output layer and a
+/// zero gain, fails here).
+#[test]
+fn every_parameter_learns_within_two_steps_from_init() -> Res {
+    for method in [
+        Method::Capt,
+        Method::CaptNoSem,
+        Method::CaptNoSam,
+        Method::CaptNoRouting,
+    ] {
+        let mut c = case(method);
+        let mut seen: BTreeMap<String, f64> = BTreeMap::new();
+        for step in 0..2 {
+            let b = c.build(CDType::F64, true);
+            let o = capt_head(&b.ops, &c.cfg, &b.x, &b.t)?;
+            let grads = loss(&o, &b.ops).backward()?;
+            for (name, (_, data)) in c.params.iter_mut() {
+                let v = &b.vars.iter().find(|v| &v.0 == name).unwrap().1;
+                let g = grads.get(v.as_tensor()).map_or(vec![0.0; data.len()], host);
+                *seen.entry(name.clone()).or_default() += g.iter().map(|x| x.abs()).sum::<f64>();
+                if step == 0 {
+                    for (p, g) in data.iter_mut().zip(&g) {
+                        *p -= 0.1 * g;
+                    }
+                }
+            }
+        }
+        for (name, s) in &seen {
+            assert!(*s > 1e-6, "{method}: {name} never gets a gradient ({s:e})");
+        }
+        // Each enabled expert's gain moved in step 1; a disabled one's got exactly nothing.
+        let g = c.param(GAINS);
+        let on = [c.cfg.use_sem, c.cfg.use_sem, c.cfg.use_sam];
+        for (&ge, on) in g.iter().zip(on) {
+            let ok = if on { ge.abs() > 1e-6 } else { ge == 0.0 };
+            assert!(ok, "{method}: gains after one step {g:?}");
         }
     }
     Ok(())
