@@ -70,7 +70,7 @@ fn f32_rows(t: &HostTensor, what: &str) -> Result<(usize, usize, Vec<f32>)> {
         .as_f32()
         .ok_or_else(|| LabelError::Input(format!("`{what}` is not float")))?;
     let rows = t.dims().first().copied().unwrap_or(0);
-    let width = if rows == 0 { 0 } else { v.len() / rows };
+    let width = v.len().checked_div(rows).unwrap_or(0);
     Ok((rows, width, v.to_vec()))
 }
 

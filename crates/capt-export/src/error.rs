@@ -16,8 +16,9 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
+    /// Boxed: the trainer's error is large and exports fail rarely.
     #[error(transparent)]
-    Train(#[from] capt_train::TrainError),
+    Train(Box<capt_train::TrainError>),
     #[error(transparent)]
     Clip(#[from] capt_clip::ClipError),
     #[error(transparent)]
@@ -31,6 +32,12 @@ pub enum ExportError {
 }
 
 pub type Result<T> = std::result::Result<T, ExportError>;
+
+impl From<capt_train::TrainError> for ExportError {
+    fn from(e: capt_train::TrainError) -> Self {
+        ExportError::Train(Box::new(e))
+    }
+}
 
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
     move |source| ExportError::Io {

@@ -190,7 +190,7 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
     assert!(err.to_string().contains("already a class"), "{err}");
     let err = capt_edge::labels::remove_classes(&out, &["no such".to_string()]).unwrap_err();
     assert!(err.to_string().contains("not a class"), "{err}");
-    let err = capt_edge::labels::remove_classes(&out, &names3[1..].to_vec()).unwrap_err();
+    let err = capt_edge::labels::remove_classes(&out, &names3[1..]).unwrap_err();
     assert!(err.to_string().contains("at least 2"), "{err}");
     let long = "word ".repeat(80);
     let err = capt_edge::labels::add_classes(&out, &[long]).unwrap_err();

@@ -168,14 +168,14 @@ impl ModelSpec {
     pub fn validate(&self) -> Result<()> {
         let v = &self.clip.vision;
         let err = |m: String| Err(ModelError::Spec(m));
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return err(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
             ));
         }
         for (name, t) in [("vision", &v.tower), ("text", &self.clip.text.tower)] {
-            if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 {
+            if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
                 return err(format!(
                     "{name} width {} is not divisible by {} heads",
                     t.hidden_size, t.num_attention_heads

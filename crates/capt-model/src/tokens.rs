@@ -15,7 +15,7 @@ pub const EOT: u32 = 49407;
 /// small test models fold ids like capt-train's `TokenMap`: EOT -> V-1 (still the row
 /// maximum, where CLIP pools), SOT -> V-2, others -> id mod (V-2).
 pub fn map_token(id: u32, model_vocab: usize) -> u32 {
-    if model_vocab >= CLIP_VOCAB || model_vocab < 3 {
+    if !(3..CLIP_VOCAB).contains(&model_vocab) {
         id
     } else if id == EOT {
         (model_vocab - 1) as u32
