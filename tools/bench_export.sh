@@ -29,6 +29,10 @@ TOML
   "$bin/capt-train" fit --dataset dtd --root tests/fixtures/coop --backbone "$b16" \
     --config "$WORK/b16.toml" --out "$WORK/run" --no-progress
 fi
+# Parity with capt-train eval (and text-encoder parity, f16/int8 agreement) at ViT-B/16 size.
+CAPT_EXPORT_BACKBONE="$(cd "$b16" && pwd)" cargo test --release -p capt-export --test export -- \
+  --nocapture --test-threads 1 classifier_matches text_encoder_reproduces f16_and_int8 2>&1 \
+  | grep -E "max|agreement|test result|panicked"
 for p in f32 f16 int8; do
   flags="--precision f32"
   [ "$p" = f16 ] && flags="--precision f16"

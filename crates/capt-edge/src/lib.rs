@@ -1,6 +1,7 @@
 //! `capt-edge`: the edge runtime of capt. It serves an exported model directory (`capt.json` +
 //! `classifier.onnx`) on tract (default, pure Rust) or ONNX Runtime, from the command line
-//! (`classify`, `bench`) or over HTTP (`serve`) with dynamic batching. No candle.
+//! (`classify`, `bench`) or over HTTP (`serve`) with dynamic batching, and edits its label set
+//! (`add-class`, `remove-class`: re-emits the classifier with capt-model's graph code). No candle.
 
 pub mod batcher;
 pub mod bench;

@@ -6,30 +6,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn capt_fixture() -> std::path::PathBuf {
     common::fixture().join("capt")
 }
 
-/// The binary (through the target runner when cross-testing, e.g. qemu-aarch64).
 fn run(args: &[&str]) -> Output {
-    let exe = env!("CARGO_BIN_EXE_capt-edge");
-    let runner = std::env::var(format!(
-        "CARGO_TARGET_{}_UNKNOWN_LINUX_GNU_RUNNER",
-        std::env::consts::ARCH.to_uppercase()
-    ))
-    .unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    let mut c = match words.next() {
-        Some(p) => {
-            let mut c = Command::new(p);
-            c.args(words).arg(exe);
-            c
-        }
-        None => Command::new(exe),
-    };
-    c.args(args).env_remove("RUST_LOG").output().unwrap()
+    common::bin().args(args).output().unwrap()
 }
 
 fn copy_model(to: &Path) {

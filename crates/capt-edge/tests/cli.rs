@@ -8,12 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_capt-edge"));
-    c.env_remove("RUST_LOG").env_remove("CAPT_API_KEY");
-    c
-}
-
 fn model_arg() -> String {
     fixture().join("model").display().to_string()
 }

@@ -1,7 +1,8 @@
 //! End to end on the tiny CLIP and the DTD fixture: train CAPT one epoch, export, and check
 //! the ONNX graphs against `capt-train eval`'s own computation (tract, and onnxruntime when
 //! `ORT_DYLIB_PATH` is set), text-encoder parity, f16/int8 agreement, determinism, zero-shot
-//! export, Triton layout, and the bad-input errors.
+//! export, Triton layout, and the bad-input errors. `CAPT_EXPORT_BACKBONE=DIR` runs them on
+//! another HF CLIP (tools/bench_export.sh uses a random ViT-B/16).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -19,8 +20,12 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The tiny CLIP, or `CAPT_EXPORT_BACKBONE` (e.g. the random ViT-B/16 of
+/// tools/bench_export.sh) to run the same parity checks at full size.
 fn backbone_dir() -> PathBuf {
-    repo().join("tests/fixtures/clip/tiny-hf")
+    std::env::var_os("CAPT_EXPORT_BACKBONE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("tests/fixtures/clip/tiny-hf"))
 }
 
 /// A one-epoch CAPT run on the DTD fixture (trained once per test binary).

@@ -1,30 +1,36 @@
 //! Fuzzes what `POST /v1/classify` does with untrusted bytes before inference: content-type
 //! parsing, multipart splitting, header size checks, image decoding and preprocessing. Any
-//! panic, hang or runaway allocation is a bug; errors are the expected outcome.
+//! panic, hang or runaway allocation is a bug; errors are the expected outcome, and every error
+//! must map to a 4xx status (a 5xx would blame the server for a bad upload).
 #![no_main]
 
 use capt_core::PreprocessConfig;
-use capt_edge::input::{body_kind, decode_all, decode_one, split_multipart, BodyKind, InputLimits, NamedImage};
+use capt_edge::input::{
+    body_kind, decode_all, decode_one, split_multipart, BodyKind, Decoded, InputError, InputLimits,
+    NamedImage,
+};
 use libfuzzer_sys::fuzz_target;
 
+/// Small crop: the fuzzer is after the decode path, not resize speed.
+const CROP: usize = 32;
+
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, rest)) = data.split_first() else { return };
-    let pre = PreprocessConfig::clip(32);
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let pre = PreprocessConfig::clip(CROP as u32);
     let limits = InputLimits {
         max_pixels: 4_000_000,
         max_images: 4,
     };
     match selector % 3 {
         // A raw image body.
-        0 => {
-            let _ = decode_one(rest, "fuzz", &limits, &pre);
-        }
+        0 => match decode_one(rest, "fuzz", &limits, &pre) {
+            Ok(px) => check_pixels(&px, 1),
+            Err(e) => check_error(&e),
+        },
         // A multipart body with a fixed boundary.
-        1 => {
-            if let Ok(parts) = split_multipart(rest, "capt-edge-boundary-7d1c9a", &limits) {
-                let _ = decode_all(&parts, &limits, &pre);
-            }
-        }
+        1 => multipart(rest, "capt-edge-boundary-7d1c9a", &limits, &pre),
         // A Content-Type line, then the body.
         _ => {
             let split = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
@@ -34,21 +40,43 @@ fuzz_target!(|data: &[u8]| {
                 Ok(BodyKind::Raw) => {
                     let img = NamedImage {
                         name: "body".into(),
-                        bytes: bytes_of(body),
+                        bytes: capt_edge::input::Bytes::copy_from_slice(body),
                     };
-                    let _ = decode_all(&[img], &limits, &pre);
+                    check_all(decode_all(&[img], &limits, &pre), 1);
                 }
-                Ok(BodyKind::Multipart { boundary }) => {
-                    if let Ok(parts) = split_multipart(body, &boundary, &limits) {
-                        let _ = decode_all(&parts, &limits, &pre);
-                    }
-                }
-                Err(_) => {}
+                Ok(BodyKind::Multipart { boundary }) => multipart(body, &boundary, &limits, &pre),
+                Err(e) => check_error(&e),
             }
         }
     }
 });
 
-fn bytes_of(b: &[u8]) -> capt_edge::input::Bytes {
-    capt_edge::input::Bytes::copy_from_slice(b)
+fn multipart(body: &[u8], boundary: &str, limits: &InputLimits, pre: &PreprocessConfig) {
+    match split_multipart(body, boundary, limits) {
+        Ok(parts) => {
+            assert!(!parts.is_empty() && parts.len() <= limits.max_images);
+            check_all(decode_all(&parts, limits, pre), parts.len());
+        }
+        Err(e) => check_error(&e),
+    }
+}
+
+fn check_all(result: Result<Decoded, InputError>, n: usize) {
+    match result {
+        Ok(d) => {
+            assert_eq!(d.names.len(), n);
+            check_pixels(&d.pixels, n);
+        }
+        Err(e) => check_error(&e),
+    }
+}
+
+fn check_pixels(px: &[f32], n: usize) {
+    assert_eq!(px.len(), n * 3 * CROP * CROP);
+    assert!(px.iter().all(|x| x.is_finite()));
+}
+
+fn check_error(e: &InputError) {
+    assert!((400..500).contains(&e.status()), "{e}");
+    assert!(!e.to_string().is_empty());
 }

@@ -190,3 +190,27 @@ pub fn probs_in_class_order(result: &serde_json::Value, classes: usize) -> Vec<f
     }
     v
 }
+
+/// The built binary, run the way cargo runs this test: through the target's runner
+/// (`CARGO_TARGET_<ARCH>_UNKNOWN_LINUX_GNU_RUNNER`, e.g. qemu-aarch64 from
+/// tools/test-aarch64.sh) when one is set, because a cross-compiled binary cannot be exec'd
+/// directly on a host without binfmt_misc.
+pub fn bin() -> std::process::Command {
+    let exe = env!("CARGO_BIN_EXE_capt-edge");
+    let runner = format!(
+        "CARGO_TARGET_{}_UNKNOWN_LINUX_GNU_RUNNER",
+        std::env::consts::ARCH.to_uppercase()
+    );
+    let runner = std::env::var(runner).unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let mut c = match words.next() {
+        Some(program) => {
+            let mut c = std::process::Command::new(program);
+            c.args(words).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    c.env_remove("RUST_LOG").env_remove("CAPT_API_KEY");
+    c
+}
