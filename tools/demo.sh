@@ -41,6 +41,9 @@ release=$(cargo metadata --format-version 1 --no-deps \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
 bin=$release/capt-train
 
+# The demo's own output folders start fresh, so the demo can be rerun.
+rm -rf "$OUT/zeroshot" "$OUT/capt" "$OUT/capt-eval" "$OUT/export"
+
 echo "== 1/7 data check"
 "$bin" data check --dataset "$DATASET" --root "$DATA"
 
