@@ -141,6 +141,16 @@ fn finish(b: OnnxBuilder, src: &ExportSource, role: &'static str) -> Result<Grap
     })
 }
 
+/// The image input `pixel_values f32 [N, 3, H, W]` (symbolic batch).
+fn pixel_input(b: &OnnxBuilder, src: &ExportSource) -> Result<capt_onnx::Value> {
+    let s = src.spec.clip.vision.image_size;
+    Ok(b.input(
+        "pixel_values",
+        DType::F32,
+        &["N".into(), 3.into(), s.into(), s.into()],
+    )?)
+}
+
 /// `classifier.onnx`: `pixel_values [N, 3, H, W]` -> `logits`, `probs` `[N, C]`.
 pub fn classifier_graph(
     src: &ExportSource,
@@ -148,12 +158,7 @@ pub fn classifier_graph(
     opts: &ExportOptions,
 ) -> Result<Graph> {
     let b = builder(params, opts);
-    let s = src.spec.clip.vision.image_size;
-    let x = b.input(
-        "pixel_values",
-        DType::F32,
-        &["N".into(), 3.into(), s.into(), s.into()],
-    )?;
+    let x = pixel_input(&b, src)?;
     let out = graphs::classifier(&b, &src.spec, &x)?;
     b.output("logits", &out.logits)?;
     b.output("probs", &out.probs)?;
@@ -163,12 +168,7 @@ pub fn classifier_graph(
 /// `image_encoder.onnx`: `pixel_values` -> `image_embeds` (normalised), `global`, `local`.
 pub fn image_encoder_graph(src: &ExportSource, opts: &ExportOptions) -> Result<Graph> {
     let b = builder(&src.params, opts);
-    let s = src.spec.clip.vision.image_size;
-    let x = b.input(
-        "pixel_values",
-        DType::F32,
-        &["N".into(), 3.into(), s.into(), s.into()],
-    )?;
+    let x = pixel_input(&b, src)?;
     let out = graphs::image_encoder(&b, &src.spec, &x)?;
     b.output("image_embeds", &out.image_embeds)?;
     b.output("global", &out.global)?;

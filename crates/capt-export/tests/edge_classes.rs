@@ -3,49 +3,16 @@
 //! with added classes equal capt-train's on the extended class list, and an add followed by a
 //! remove restores the CAPT classifier's logits.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use capt_backend::{Backend, ModelDir};
-use capt_backend_tract::{TractBackend, TractOptions};
 use capt_core::{ImageBatch, PreprocessConfig};
 use capt_export::{Classes, ExportOptions};
-use capt_train::backbone::{Backbone, BackboneSpec, ImageEncoder};
-use capt_train::model::Feats;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn backbone_dir() -> PathBuf {
-    repo().join("tests/fixtures/clip/tiny-hf")
-}
-
-fn train(out: &Path, method: capt_method::Method) {
-    let mut config = capt_train::config::RunConfig::from_toml_file(
-        &repo().join("tests/fixtures/train/tiny.toml"),
-    )
-    .unwrap();
-    config.capt.optim.epochs = 1;
-    config.capt.method = method;
-    let args = capt_train::fit::FitArgs {
-        dataset: "dtd".parse().unwrap(),
-        root: repo().join("tests/fixtures/coop"),
-        split_file: None,
-        config,
-        backbone: BackboneSpec::Path(backbone_dir()),
-        device: Device::Cpu,
-        dtype: DType::F32,
-        seed: 2,
-        subsample: capt_data::Subsample::All,
-        out: out.to_path_buf(),
-        resume: false,
-        stop_after: None,
-        feature_cache: None,
-        progress: false,
-    };
-    capt_train::fit::fit(&args).unwrap();
-}
+use capt_train::backbone::{Backbone, BackboneSpec};
+use common::*;
 
 fn batch(size: u32) -> ImageBatch {
     let root = repo().join("tests/fixtures/coop/dtd/images");
@@ -71,27 +38,8 @@ fn batch(size: u32) -> ImageBatch {
 }
 
 fn classify(dir: &Path, b: &ImageBatch) -> (Vec<String>, Vec<f32>) {
-    let md = ModelDir::open(dir).unwrap();
-    let be = TractBackend::load(
-        &md,
-        &TractOptions {
-            threads: 1,
-            fixed_batches: vec![],
-        },
-    )
-    .unwrap();
-    (
-        md.manifest.class_names.clone(),
-        be.classify(b).unwrap().logits,
-    )
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    let names = ModelDir::open(dir).unwrap().manifest.class_names;
+    (names, tract(dir).classify(b).unwrap().logits)
 }
 
 const NEW: [&str; 2] = ["zebra stripes", "polka dots"];
@@ -100,7 +48,7 @@ const NEW: [&str; 2] = ["zebra stripes", "polka dots"];
 fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("coop");
-    train(&run, capt_method::Method::Coop);
+    train(&run, capt_method::Method::Coop, 2);
     let out = tmp.path().join("model");
     let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
     capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
@@ -122,16 +70,7 @@ fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
     )
     .unwrap();
     let scorer = capt_train::evaluate::scorer_from_checkpoint(bb, &dir, &state, &all).unwrap();
-    let enc = ImageEncoder::new(&scorer.model.backbone, 4).unwrap();
-    let px = Tensor::from_vec(b.data.clone(), (b.n, 3, b.height, b.width), &Device::Cpu).unwrap();
-    let (global, local) = enc.encode_pixels(&px).unwrap();
-    let want = scorer
-        .logits(&Feats { global, local })
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let want = logits_of(&scorer, &b);
     let d = max_diff(&got, &want);
     println!("CoOp + 2 added classes vs capt-train eval: max |dlogit| {d:.3e}");
     assert!(d <= 1e-4);
@@ -144,7 +83,7 @@ fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
 fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("capt");
-    train(&run, capt_method::Method::Capt);
+    train(&run, capt_method::Method::Capt, 2);
     let out = tmp.path().join("model");
     let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
     capt_export::export(&src, &ExportOptions::default(), &out).unwrap();

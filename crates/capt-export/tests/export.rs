@@ -4,29 +4,18 @@
 //! export, Triton layout, and the bad-input errors. `CAPT_EXPORT_BACKBONE=DIR` runs them on
 //! another HF CLIP (tools/bench_export.sh uses a random ViT-B/16).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use capt_backend::{Backend, ModelDir};
-use capt_backend_tract::{TractBackend, TractOptions};
 use capt_core::{ClipTokenizer, ImageBatch, PreprocessConfig};
 use capt_export::{Classes, ExportOptions, Format, Precision};
 use capt_graph::HostTensor;
-use capt_train::backbone::{Backbone, BackboneSpec, ImageEncoder};
-use capt_train::model::Feats;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The tiny CLIP, or `CAPT_EXPORT_BACKBONE` (e.g. the random ViT-B/16 of
-/// tools/bench_export.sh) to run the same parity checks at full size.
-fn backbone_dir() -> PathBuf {
-    std::env::var_os("CAPT_EXPORT_BACKBONE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("tests/fixtures/clip/tiny-hf"))
-}
+use capt_train::backbone::{Backbone, BackboneSpec};
+use common::*;
 
 /// A one-epoch CAPT run on the DTD fixture (trained once per test binary).
 fn trained() -> &'static Path {
@@ -34,28 +23,7 @@ fn trained() -> &'static Path {
     &RUN.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("run");
-        let mut config = capt_train::config::RunConfig::from_toml_file(
-            &repo().join("tests/fixtures/train/tiny.toml"),
-        )
-        .unwrap();
-        config.capt.optim.epochs = 1;
-        let args = capt_train::fit::FitArgs {
-            dataset: "dtd".parse().unwrap(),
-            root: repo().join("tests/fixtures/coop"),
-            split_file: None,
-            config,
-            backbone: BackboneSpec::Path(backbone_dir()),
-            device: Device::Cpu,
-            dtype: DType::F32,
-            seed: 1,
-            subsample: capt_data::Subsample::All,
-            out: out.clone(),
-            resume: false,
-            stop_after: None,
-            feature_cache: None,
-            progress: false,
-        };
-        capt_train::fit::fit(&args).unwrap();
+        train(&out, capt_method::Method::Capt, 1);
         (tmp, out)
     })
     .1
@@ -89,26 +57,6 @@ fn images(size: u32) -> ImageBatch {
     }
 }
 
-fn tract(dir: &Path) -> TractBackend {
-    let md = ModelDir::open(dir).unwrap();
-    TractBackend::load(
-        &md,
-        &TractOptions {
-            threads: 1,
-            fixed_batches: vec![],
-        },
-    )
-    .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn argmax_rows(v: &[f32], c: usize) -> Vec<usize> {
     v.chunks(c)
         .map(|r| {
@@ -134,20 +82,6 @@ fn eval_logits(ckpt: &Path, batch: &ImageBatch) -> Vec<f32> {
     let scorer =
         capt_train::evaluate::scorer_from_checkpoint(bb, &dir, &state, &state.class_names).unwrap();
     logits_of(&scorer, batch)
-}
-
-fn logits_of(scorer: &capt_train::evaluate::Scorer, batch: &ImageBatch) -> Vec<f32> {
-    let grid = scorer.model.cfg.capt.bank.local_grid;
-    let enc = ImageEncoder::new(&scorer.model.backbone, grid).unwrap();
-    let px = Tensor::from_vec(
-        batch.data.clone(),
-        (batch.n, 3, batch.height, batch.width),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let (global, local) = enc.encode_pixels(&px).unwrap();
-    let l = scorer.logits(&Feats { global, local }).unwrap();
-    l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 fn export_to(out: &Path, opts: &ExportOptions) -> capt_export::ExportSource {

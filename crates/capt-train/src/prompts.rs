@@ -11,17 +11,9 @@ use crate::error::{Result, TrainError};
 use crate::params::ParamStore;
 use crate::rng;
 
-pub const CTX: &str = "prompt.ctx";
-pub const COM_CTX: &str = "sem.com_ctx";
-pub const DIF_CTX: &str = "sem.dif_ctx";
-
-pub fn deep_name(k: usize) -> String {
-    format!("prompt.deep.{k}")
-}
-
-pub fn visual_name(k: usize) -> String {
-    format!("prompt.visual.{k}")
-}
+// Checkpoint names of the learned prompts: the exported graphs read them under the same
+// names, so both sides take them from capt-model.
+pub use capt_model::names::{deep_text as deep_name, visual as visual_name, COM_CTX, CTX, DIF_CTX};
 
 /// The two SEM prompt families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,0 +1,87 @@
+//! Shared by the capt-export integration tests: paths, a short training run on the DTD
+//! fixture, tract loading, and the capt-train side of the parity checks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use capt_backend::ModelDir;
+use capt_backend_tract::{TractBackend, TractOptions};
+use capt_core::ImageBatch;
+use capt_train::backbone::{BackboneSpec, ImageEncoder};
+use capt_train::model::Feats;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The tiny CLIP, or `CAPT_EXPORT_BACKBONE` (e.g. the random ViT-B/16 of
+/// tools/bench_export.sh) to run the same checks at full size.
+pub fn backbone_dir() -> PathBuf {
+    std::env::var_os("CAPT_EXPORT_BACKBONE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("tests/fixtures/clip/tiny-hf"))
+}
+
+/// One epoch of `method` on the DTD fixture with the tiny test config, into `out`.
+pub fn train(out: &Path, method: capt_method::Method, seed: u64) {
+    let mut config = capt_train::config::RunConfig::from_toml_file(
+        &repo().join("tests/fixtures/train/tiny.toml"),
+    )
+    .unwrap();
+    config.capt.optim.epochs = 1;
+    config.capt.method = method;
+    let args = capt_train::fit::FitArgs {
+        dataset: "dtd".parse().unwrap(),
+        root: repo().join("tests/fixtures/coop"),
+        split_file: None,
+        config,
+        backbone: BackboneSpec::Path(backbone_dir()),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        seed,
+        subsample: capt_data::Subsample::All,
+        out: out.to_path_buf(),
+        resume: false,
+        stop_after: None,
+        feature_cache: None,
+        progress: false,
+    };
+    capt_train::fit::fit(&args).unwrap();
+}
+
+/// The exported classifier of `dir` on tract (one thread).
+pub fn tract(dir: &Path) -> TractBackend {
+    let md = ModelDir::open(dir).unwrap();
+    TractBackend::load(
+        &md,
+        &TractOptions {
+            threads: 1,
+            fixed_batches: vec![],
+        },
+    )
+    .unwrap()
+}
+
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Logits of a capt-train scorer on a batch, the way `capt-train eval` computes them.
+pub fn logits_of(scorer: &capt_train::evaluate::Scorer, batch: &ImageBatch) -> Vec<f32> {
+    let grid = scorer.model.cfg.capt.bank.local_grid;
+    let enc = ImageEncoder::new(&scorer.model.backbone, grid).unwrap();
+    let px = Tensor::from_vec(
+        batch.data.clone(),
+        (batch.n, 3, batch.height, batch.width),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (global, local) = enc.encode_pixels(&px).unwrap();
+    let l = scorer.logits(&Feats { global, local }).unwrap();
+    l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
