@@ -7,11 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
 use capt_backend::{Backend, ModelDir};
 use capt_core::{ImageBatch, PreprocessConfig};
 use capt_export::{Classes, ExportOptions};
-use capt_train::backbone::{Backbone, BackboneSpec};
 use common::*;
 
 fn batch(size: u32) -> ImageBatch {
@@ -61,15 +59,7 @@ fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
     all.extend(new.clone());
     assert_eq!(names, all);
     // capt-train scoring the checkpoint on the extended class list.
-    let dir = capt_train::checkpoint::resolve(&run).unwrap();
-    let state = capt_train::checkpoint::read_state(&dir).unwrap();
-    let bb = Backbone::load(
-        &BackboneSpec::Path(backbone_dir()),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let scorer = capt_train::evaluate::scorer_from_checkpoint(bb, &dir, &state, &all).unwrap();
+    let scorer = eval_scorer(&run, Some(&all));
     let want = logits_of(&scorer, &b);
     let d = max_diff(&got, &want);
     println!("CoOp + 2 added classes vs capt-train eval: max |dlogit| {d:.3e}");

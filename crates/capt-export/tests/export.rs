@@ -71,16 +71,7 @@ fn argmax_rows(v: &[f32], c: usize) -> Vec<usize> {
 
 /// Logits the way `capt-train eval` computes them for a checkpoint.
 fn eval_logits(ckpt: &Path, batch: &ImageBatch) -> Vec<f32> {
-    let dir = capt_train::checkpoint::resolve(ckpt).unwrap();
-    let state = capt_train::checkpoint::read_state(&dir).unwrap();
-    let bb = Backbone::load(
-        &BackboneSpec::Path(backbone_dir()),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let scorer =
-        capt_train::evaluate::scorer_from_checkpoint(bb, &dir, &state, &state.class_names).unwrap();
+    let scorer = eval_scorer(ckpt, None);
     logits_of(&scorer, batch)
 }
 

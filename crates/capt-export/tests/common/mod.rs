@@ -71,6 +71,21 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// capt-train's scorer of checkpoint `ckpt` on `classes` (`None`: the trained classes), as
+/// `capt-train eval` builds it.
+pub fn eval_scorer(ckpt: &Path, classes: Option<&[String]>) -> capt_train::evaluate::Scorer {
+    let dir = capt_train::checkpoint::resolve(ckpt).unwrap();
+    let state = capt_train::checkpoint::read_state(&dir).unwrap();
+    let bb = capt_train::backbone::Backbone::load(
+        &BackboneSpec::Path(backbone_dir()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let classes = classes.unwrap_or(&state.class_names).to_vec();
+    capt_train::evaluate::scorer_from_checkpoint(bb, &dir, &state, &classes).unwrap()
+}
+
 /// Logits of a capt-train scorer on a batch, the way `capt-train eval` computes them.
 pub fn logits_of(scorer: &capt_train::evaluate::Scorer, batch: &ImageBatch) -> Vec<f32> {
     let grid = scorer.model.cfg.capt.bank.local_grid;
