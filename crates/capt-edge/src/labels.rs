@@ -171,13 +171,15 @@ impl Editor {
 
     /// Prior-only `Nhat` (zero counts) over `names`, from zero-shot text embeddings.
     fn prior(&self, names: &[String]) -> Result<Vec<f32>> {
+        let zs = self.encode(&zero_shot_rows(names))?;
+        self.prior_from(&zs)
+    }
+
+    /// Prior-only `Nhat` from the classes' zero-shot embeddings (one per class, in order).
+    fn prior_from(&self, zs: &[Vec<f32>]) -> Result<Vec<f32>> {
         let capt = self.spec.capt.as_ref().expect("head implies a CAPT config");
-        let rows: Vec<_> = names
-            .iter()
-            .map(|n| (TextFamily::ZeroShot, n.clone(), String::new()))
-            .collect();
-        let zs: Vec<Vec<f32>> = self.encode(&rows)?.iter().map(|v| normalise(v)).collect();
-        let c = names.len();
+        let zs: Vec<Vec<f32>> = zs.iter().map(|v| normalise(v)).collect();
+        let c = zs.len();
         let mut sim = vec![0.0f32; c * c];
         for i in 0..c {
             for j in 0..c {
@@ -194,6 +196,15 @@ impl Editor {
         .map_err(|e| LabelError::Input(e.to_string()))
     }
 
+    /// Whether the classifier stores any initializer as `dtype` (f16 / int8 weight storage,
+    /// kept when the classifier is re-emitted).
+    fn stores(&self, dtype: pb::tensor_proto::DataType) -> bool {
+        self.model
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.initializer.iter().any(|t| t.data_type == dtype as i32))
+    }
+
     fn table(&self, name: &str) -> Result<&HostTensor> {
         self.params.get(name).ok_or_else(|| {
             LabelError::Input(format!(
@@ -206,16 +217,8 @@ impl Editor {
     fn write(mut self, class_names: Vec<String>) -> Result<String> {
         self.spec.num_classes = class_names.len();
         self.spec.validate()?;
-        let f16 = self.model.graph.as_ref().is_some_and(|g| {
-            g.initializer
-                .iter()
-                .any(|t| t.data_type == pb::tensor_proto::DataType::Float16 as i32)
-        });
-        let int8 = self.model.graph.as_ref().is_some_and(|g| {
-            g.initializer
-                .iter()
-                .any(|t| t.data_type == pb::tensor_proto::DataType::Int8 as i32)
-        });
+        let f16 = self.stores(pb::tensor_proto::DataType::Float16);
+        let int8 = self.stores(pb::tensor_proto::DataType::Int8);
         let b = OnnxBuilder::new(
             std::mem::take(&mut self.params),
             BuildOptions {
@@ -286,6 +289,14 @@ impl Editor {
         }
         Ok(file)
     }
+}
+
+/// Zero-shot template rows of `names` for the text encoder.
+fn zero_shot_rows(names: &[String]) -> Vec<(TextFamily, String, String)> {
+    names
+        .iter()
+        .map(|n| (TextFamily::ZeroShot, n.clone(), String::new()))
+        .collect()
 }
 
 fn check_names(names: &[String]) -> Result<()> {
@@ -468,19 +479,24 @@ pub fn add_classes(dir: &Path, new: &[String]) -> Result<ClassEdit> {
     }
     let mut all = old.clone();
     all.extend(new.iter().cloned());
-    // Class embeddings t_c of the new names.
-    let rows: Vec<_> = new
+    let head = e.spec.head()?.is_some();
+    // One text-encoder run: class embeddings t_c of the new names, then (CAPT) the zero-shot
+    // embeddings of every class for the prior.
+    let mut rows: Vec<_> = new
         .iter()
         .map(|n| (TextFamily::Class, n.clone(), String::new()))
         .collect();
+    if head {
+        rows.extend(zero_shot_rows(&all));
+    }
     let emb = e.encode(&rows)?;
+    let (class_rows, zs) = emb.split_at(new.len());
     let (c, d, mut class_emb) = f32_rows(e.table(names::CLASS_EMB)?, "class_emb")?;
-    for v in &emb {
+    for v in class_rows {
         class_emb.extend_from_slice(v);
     }
-    let head = e.spec.head()?.is_some();
     if head {
-        let nhat = e.prior(&all)?;
+        let nhat = e.prior_from(zs)?;
         let mut t = Tables::read(&e)?;
         let k = t.k;
         t.rows.extend(new.iter().map(|_| Vec::new()));
