@@ -39,6 +39,15 @@ pub struct Manifest {
     /// text prompt families): lets the edge re-emit the classifier when classes are added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_spec: Option<serde_json::Value>,
+    /// Compute precision inside the graphs: "f32", or "f16" (float16 weights and compute; the
+    /// inputs and outputs stay f32, so runtimes need not care). Manifests written before this
+    /// field existed are "f32".
+    #[serde(default = "default_precision")]
+    pub precision: String,
+}
+
+fn default_precision() -> String {
+    "f32".into()
 }
 
 /// Files of a model directory, paths relative to it.
@@ -288,6 +297,7 @@ mod tests {
             backbone_sha256: "y".into(),
             created_by: "test".into(),
             model_spec: None,
+            precision: "f32".into(),
         }
     }
 
@@ -376,6 +386,17 @@ mod tests {
         assert!(e.to_string().contains("missing field"), "{e}");
         let e = Manifest::from_json("not json", p).unwrap_err();
         assert!(e.to_string().contains("capt.json"), "{e}");
+    }
+
+    #[test]
+    fn precision_defaults_to_f32() {
+        let mut v = serde_json::to_value(with_hash(sample(), b"g")).unwrap();
+        v.as_object_mut().unwrap().remove("precision");
+        let m = Manifest::from_json(&v.to_string(), Path::new("capt.json")).unwrap();
+        assert_eq!(m.precision, "f32");
+        v["precision"] = "f16".into();
+        let m = Manifest::from_json(&v.to_string(), Path::new("capt.json")).unwrap();
+        assert_eq!(m.precision, "f16");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! strongest prior partner. The classifier is then re-emitted from its own parameters by the
 //! very graph code the exporter used (`capt_model::graphs::classifier`), written under a new
 //! content-named file, and `capt.json` is switched to it atomically: a reader sees the old
-//! model or the new one, never a mix.
+//! model or the new one, never a mix. The re-emitted classifier keeps the export's precision:
+//! f16 compute (`precision: "f16"` in the manifest) is applied again with
+//! `capt_onnx::to_f16_compute`, f16 / int8 weight storage is detected from the initializers.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use capt_core::ClipTokenizer;
 use capt_graph::{DType, HostTensor};
 use capt_method::bank::{text_similarity_prior, top_candidates};
 use capt_model::{graphs, names, tokens, ModelSpec, TextFamily};
-use capt_onnx::{pb, BuildOptions, Dim, ModelMeta, OnnxBuilder};
+use capt_onnx::{pb, BuildOptions, Dim, F16Options, ModelMeta, OnnxBuilder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabelError {
@@ -197,7 +199,8 @@ impl Editor {
     }
 
     /// Whether the classifier stores any initializer as `dtype` (f16 / int8 weight storage,
-    /// kept when the classifier is re-emitted).
+    /// kept when the classifier is re-emitted; f16 compute stores FLOAT16 too, told apart by
+    /// the manifest).
     fn stores(&self, dtype: pb::tensor_proto::DataType) -> bool {
         self.model
             .graph
@@ -217,12 +220,24 @@ impl Editor {
     fn write(mut self, class_names: Vec<String>) -> Result<String> {
         self.spec.num_classes = class_names.len();
         self.spec.validate()?;
-        let f16 = self.stores(pb::tensor_proto::DataType::Float16);
+        // Parameters come back widened to f32 (`read_params`); f16-rounded values convert
+        // back to the same f16 bits, so an unchanged class keeps its exact weights.
+        let f16_compute = match self.md.manifest.precision.as_str() {
+            "f32" => false,
+            "f16" => true,
+            other => {
+                return Err(LabelError::Input(format!(
+                    "{} has precision {other:?}; this capt-edge re-emits f32 or f16 classifiers, upgrade it to edit the classes",
+                    self.md.root.display()
+                )))
+            }
+        };
+        let f16_storage = !f16_compute && self.stores(pb::tensor_proto::DataType::Float16);
         let int8 = self.stores(pb::tensor_proto::DataType::Int8);
         let b = OnnxBuilder::new(
             std::mem::take(&mut self.params),
             BuildOptions {
-                weights_f16: f16,
+                weights_f16: f16_storage,
                 ..Default::default()
             },
         );
@@ -261,6 +276,9 @@ impl Editor {
         })?;
         if int8 {
             capt_onnx::quantize_weights_int8(&mut model, capt_onnx::INT8_MIN_ELEMS)?;
+        }
+        if f16_compute {
+            capt_onnx::to_f16_compute(&mut model, &F16Options::default())?;
         }
         let root = self.md.root.clone();
         let staging = root.join(".classifier.next.onnx");

@@ -52,7 +52,8 @@ struct Args {
     /// Zero-shot: side of the pooled local-token grid of image_encoder.onnx.
     #[arg(long, default_value_t = 4)]
     local_grid: usize,
-    /// Weight precision: f32, or f16 (half-size files for GPU/TensorRT; compute stays f32).
+    /// Precision: f32, or f16 (float16 weights and compute for GPU/TensorRT, half-size files;
+    /// norms and the SEM pair top-k stay f32, inputs and outputs stay f32).
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
     /// Store linear-layer weights as int8 with per-row scales (CPU edge; ~4x smaller).
@@ -149,6 +150,15 @@ fn run(a: Args) -> Result<()> {
             q.bytes_before as f64 / 1e6,
             q.bytes_after as f64 / 1e6,
             q.max_abs_error
+        );
+    }
+    for (role, f) in &r.f16 {
+        println!(
+            "  f16 {role}: {} nodes in f16, {} kept in f32, {} casts added, {} removed",
+            f.f16_nodes,
+            f.f32_nodes.len(),
+            f.casts_added,
+            f.casts_removed
         );
     }
     println!(

@@ -14,7 +14,7 @@ use capt_onnx::WriteOptions;
 
 use crate::error::{io, Result};
 use crate::source::ExportSource;
-use crate::write::{manifest, Graph};
+use crate::write::{manifest, Graph, Precision};
 
 /// Largest batch Triton forms; requests are coalesced up to it.
 pub const MAX_BATCH: usize = 32;
@@ -53,6 +53,7 @@ pub fn write_repository(
     src: &ExportSource,
     graphs: &[Graph],
     dir: &Path,
+    precision: Precision,
 ) -> Result<Vec<(String, u64)>> {
     let spec = &src.spec;
     let (s, d, c) = (
@@ -114,7 +115,12 @@ pub fn write_repository(
             std::fs::write(&p, &labels).map_err(io(&p))?;
             files.push((format!("{name}/labels.txt"), labels.len() as u64));
             // The manifest as capt-edge reads it, pointing at the classifier file.
-            let m = manifest(src, &mdir, &[("classifier", "1/model.onnx".into())])?;
+            let m = manifest(
+                src,
+                &mdir,
+                &[("classifier", "1/model.onnx".into())],
+                precision,
+            )?;
             let text = serde_json::to_string_pretty(&m).expect("manifest serialises") + "\n";
             let p = mdir.join(capt_backend::MANIFEST_FILE);
             std::fs::write(&p, &text).map_err(io(&p))?;

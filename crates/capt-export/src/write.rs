@@ -8,21 +8,35 @@ use capt_backend::{FileEntry, Manifest, ModelFiles, FORMAT_VERSION, MANIFEST_FIL
 use capt_core::PreprocessConfig;
 use capt_graph::{DType, HostTensor};
 use capt_model::{graphs, ModelSpec};
-use capt_onnx::{pb, BuildOptions, Dim, ModelMeta, OnnxBuilder, QuantReport, WriteOptions};
+use capt_onnx::{
+    pb, BuildOptions, Dim, F16Options, F16Report, ModelMeta, OnnxBuilder, QuantReport, WriteOptions,
+};
 
 use crate::error::{io, ExportError, Result};
 use crate::source::ExportSource;
 use crate::triton;
 
-/// Storage precision of the weights.
+/// Compute precision of the graphs. Their interface (`pixel_values`, `input_ids`, `logits`,
+/// embeddings) is float32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// float32 everywhere.
     #[default]
     F32,
-    /// float16 weights (tensors of >= 1024 elements), widened at load: half the file size;
-    /// compute stays float32.
+    /// float16 weights and compute (GPU / TensorRT): the f32 graph rewritten by
+    /// `capt_onnx::to_f16_compute`, with the ops of `capt_onnx::DEFAULT_KEEP_F32` (norms, the
+    /// SEM pair top-k) left in f32. Half the file size.
     F16,
+}
+
+impl Precision {
+    /// The manifest's `precision` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
 }
 
 /// Layout of the output directory.
@@ -78,13 +92,16 @@ pub struct ExportReport {
     pub build_seconds: f64,
     pub write_seconds: f64,
     pub quant: Option<QuantReport>,
+    /// Per graph role, what the f16 conversion did (`--precision f16`).
+    pub f16: Vec<(&'static str, F16Report)>,
 }
 
 pub use capt_onnx::INT8_MIN_ELEMS;
 
-fn metadata(src: &ExportSource, role: &str) -> BTreeMap<String, String> {
+fn metadata(src: &ExportSource, role: &str, precision: Precision) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("capt.graph".into(), role.into());
+    m.insert("capt.precision".into(), precision.as_str().into());
     m.insert("capt.format_version".into(), FORMAT_VERSION.to_string());
     m.insert("capt.model_name".into(), src.model_name.clone());
     m.insert("capt.method".into(), src.spec.method.name().into());
@@ -113,17 +130,21 @@ fn preprocess(spec: &ModelSpec) -> PreprocessConfig {
     PreprocessConfig::clip(spec.clip.vision.image_size as u32)
 }
 
-fn builder(params: &BTreeMap<String, HostTensor>, opts: &ExportOptions) -> OnnxBuilder {
+/// A builder of the f32 graph: f16 compute is a rewrite of the finished f32 graph, not f16
+/// weight storage (whose widening casts would be left as no-ops).
+fn builder(params: &BTreeMap<String, HostTensor>) -> OnnxBuilder {
     OnnxBuilder::new(
         params.iter().map(|(k, v)| (k.clone(), v.clone())),
-        BuildOptions {
-            weights_f16: opts.precision == Precision::F16,
-            ..Default::default()
-        },
+        BuildOptions::default(),
     )
 }
 
-fn finish(b: OnnxBuilder, src: &ExportSource, role: &'static str) -> Result<Graph> {
+fn finish(
+    b: OnnxBuilder,
+    src: &ExportSource,
+    role: &'static str,
+    opts: &ExportOptions,
+) -> Result<Graph> {
     let meta = ModelMeta {
         graph_name: format!("capt_{role}"),
         doc_string: format!(
@@ -133,7 +154,7 @@ fn finish(b: OnnxBuilder, src: &ExportSource, role: &'static str) -> Result<Grap
             env!("CARGO_PKG_VERSION")
         ),
         model_version: 1,
-        metadata: metadata(src, role),
+        metadata: metadata(src, role, opts.precision),
     };
     Ok(Graph {
         role,
@@ -157,43 +178,47 @@ pub fn classifier_graph(
     params: &BTreeMap<String, HostTensor>,
     opts: &ExportOptions,
 ) -> Result<Graph> {
-    let b = builder(params, opts);
+    let b = builder(params);
     let x = pixel_input(&b, src)?;
     let out = graphs::classifier(&b, &src.spec, &x)?;
     b.output("logits", &out.logits)?;
     b.output("probs", &out.probs)?;
-    finish(b, src, "classifier")
+    finish(b, src, "classifier", opts)
 }
 
 /// `image_encoder.onnx`: `pixel_values` -> `image_embeds` (normalised), `global`, `local`.
 pub fn image_encoder_graph(src: &ExportSource, opts: &ExportOptions) -> Result<Graph> {
-    let b = builder(&src.params, opts);
+    let b = builder(&src.params);
     let x = pixel_input(&b, src)?;
     let out = graphs::image_encoder(&b, &src.spec, &x)?;
     b.output("image_embeds", &out.image_embeds)?;
     b.output("global", &out.global)?;
     b.output("local", &out.local)?;
-    finish(b, src, "image_encoder")
+    finish(b, src, "image_encoder", opts)
 }
 
 /// `text_encoder.onnx`: `input_ids [M, 77]` (I64, model vocabulary) -> one `[M, D]` output
 /// per prompt family of the spec.
 pub fn text_encoder_graph(src: &ExportSource, opts: &ExportOptions) -> Result<Graph> {
-    let b = builder(&src.params, opts);
+    let b = builder(&src.params);
     let len = src.spec.clip.text.max_position_embeddings;
     let ids = b.input("input_ids", DType::I64, &[Dim::Sym("M".into()), len.into()])?;
     let outs = graphs::text_encoder(&b, &src.spec, &ids, len)?;
     for (fam, o) in src.spec.text.families.iter().zip(&outs) {
         b.output(fam.output(), o)?;
     }
-    finish(b, src, "text_encoder")
+    finish(b, src, "text_encoder", opts)
 }
 
-/// Emits every graph the options ask for (int8 applied), in a fixed order.
-pub fn build_graphs(
-    src: &ExportSource,
-    opts: &ExportOptions,
-) -> Result<(Vec<Graph>, Option<QuantReport>)> {
+/// What [`build_graphs`] did beyond emitting the graphs.
+#[derive(Debug, Clone, Default)]
+pub struct BuildReport {
+    pub quant: Option<QuantReport>,
+    pub f16: Vec<(&'static str, F16Report)>,
+}
+
+/// Emits every graph the options ask for (int8 or f16 applied), in a fixed order.
+pub fn build_graphs(src: &ExportSource, opts: &ExportOptions) -> Result<(Vec<Graph>, BuildReport)> {
     if opts.opset != capt_onnx::OPSET {
         return Err(ExportError::Input(format!(
             "--opset {}: capt writes opset {} (ReduceMean and Squeeze change form in 18); use --opset {}",
@@ -225,12 +250,26 @@ pub fn build_graphs(
             q.max_abs_error = q.max_abs_error.max(r.max_abs_error);
         }
     }
-    Ok((graphs, quant))
+    let mut f16 = Vec::new();
+    if opts.precision == Precision::F16 {
+        for g in graphs.iter_mut() {
+            f16.push((
+                g.role,
+                capt_onnx::to_f16_compute(&mut g.model, &F16Options::default())?,
+            ));
+        }
+    }
+    Ok((graphs, BuildReport { quant, f16 }))
 }
 
 /// The manifest for graph files already written under `dir`: `(role, path relative to dir)`;
 /// the classifier must be among them.
-pub fn manifest(src: &ExportSource, dir: &Path, files: &[(&str, String)]) -> Result<Manifest> {
+pub fn manifest(
+    src: &ExportSource,
+    dir: &Path,
+    files: &[(&str, String)],
+    precision: Precision,
+) -> Result<Manifest> {
     let entry = |role: &str| -> Result<Option<FileEntry>> {
         let Some((_, path)) = files.iter().find(|(r, _)| *r == role) else {
             return Ok(None);
@@ -260,6 +299,7 @@ pub fn manifest(src: &ExportSource, dir: &Path, files: &[(&str, String)]) -> Res
         backbone_sha256: src.backbone_sha256.clone(),
         created_by: format!("capt-export {}", env!("CARGO_PKG_VERSION")),
         model_spec: Some(src.spec.to_json()),
+        precision: precision.as_str().into(),
     })
 }
 
@@ -268,6 +308,7 @@ pub fn write_model_dir(
     src: &ExportSource,
     graphs: &[Graph],
     dir: &Path,
+    precision: Precision,
 ) -> Result<Vec<(String, u64)>> {
     let mut files = Vec::new();
     for g in graphs {
@@ -285,7 +326,7 @@ pub fn write_model_dir(
         .iter()
         .map(|g| (g.role, format!("{}.onnx", g.role)))
         .collect();
-    let m = manifest(src, dir, &entries)?;
+    let m = manifest(src, dir, &entries, precision)?;
     let text = serde_json::to_string_pretty(&m).expect("manifest serialises") + "\n";
     let path = dir.join(MANIFEST_FILE);
     std::fs::write(&path, &text).map_err(io(&path))?;
@@ -304,7 +345,7 @@ pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<Ex
         )));
     }
     let t0 = Instant::now();
-    let (graphs, quant) = build_graphs(src, opts)?;
+    let (graphs, built) = build_graphs(src, opts)?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let parent = match out.parent() {
@@ -323,8 +364,8 @@ pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<Ex
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let result = match opts.format {
-        Format::Onnx => write_model_dir(src, &graphs, &tmp),
-        Format::Triton => triton::write_repository(src, &graphs, &tmp),
+        Format::Onnx => write_model_dir(src, &graphs, &tmp, opts.precision),
+        Format::Triton => triton::write_repository(src, &graphs, &tmp, opts.precision),
     };
     let files = match result {
         Ok(f) => f,
@@ -348,7 +389,8 @@ pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<Ex
         files,
         build_seconds,
         write_seconds: t1.elapsed().as_secs_f64(),
-        quant,
+        quant: built.quant,
+        f16: built.f16,
     })
 }
 

@@ -1,7 +1,7 @@
 //! Adding and removing classes at the edge (`capt-edge add-class/remove-class`) on models
 //! written by capt-export: the text encoder's embeddings land in the classifier, CoOp logits
-//! with added classes equal capt-train's on the extended class list, and an add followed by a
-//! remove restores the CAPT classifier's logits.
+//! with added classes equal capt-train's on the extended class list, an add followed by a
+//! remove restores the CAPT classifier's logits, and an f16-compute export stays f16 compute.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use capt_backend::{Backend, ModelDir};
 use capt_core::{ImageBatch, PreprocessConfig};
-use capt_export::{Classes, ExportOptions};
+use capt_export::{Classes, ExportOptions, Precision};
 use common::*;
 
 fn batch(size: u32) -> ImageBatch {
@@ -124,4 +124,58 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
     let long = "word ".repeat(80);
     let err = capt_edge::labels::add_classes(&out, &[long]).unwrap_err();
     assert!(err.to_string().contains("shorter name"), "{err}");
+}
+
+#[test]
+fn f16_compute_export_stays_f16_through_class_edits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("capt");
+    train(&run, capt_method::Method::Capt, 3);
+    let out = tmp.path().join("model");
+    let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
+    let opts = ExportOptions {
+        precision: Precision::F16,
+        ..Default::default()
+    };
+    capt_export::export(&src, &opts, &out).unwrap();
+    let b = batch(src.spec.clip.vision.image_size as u32);
+    let (names0, logits0) = classify(&out, &b);
+    let params0 = {
+        let m = capt_onnx::read_model(&ModelDir::open(&out).unwrap().classifier_path()).unwrap();
+        capt_onnx::read_params(&m).unwrap()
+    };
+    let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
+    capt_edge::labels::add_classes(&out, &new).unwrap();
+    let (names1, logits1) = classify(&out, &b);
+    assert_eq!(names1.len(), names0.len() + 2);
+    assert!(logits1.iter().all(|v| v.is_finite()));
+    // Still f16 compute: recorded, MatMul operands typed F16, parameters read back.
+    let md = ModelDir::open(&out).unwrap();
+    assert_eq!(md.manifest.precision, "f16");
+    let path = md.classifier_path();
+    let model = capt_onnx::read_model(&path).unwrap();
+    let types = capt_onnx::tract_value_types(&path).unwrap();
+    let g = model.graph.as_ref().unwrap();
+    let matmuls: Vec<_> = g.node.iter().filter(|n| n.op_type == "MatMul").collect();
+    assert!(!matmuls.is_empty());
+    for n in matmuls {
+        for i in &n.input {
+            assert_eq!(types[i], "F16", "{} input {i}", n.name);
+        }
+    }
+    let p = capt_onnx::read_params(&model).unwrap();
+    let emb = p[capt_model::names::CLASS_EMB].as_f32().unwrap();
+    let emb0 = params0[capt_model::names::CLASS_EMB].as_f32().unwrap();
+    assert_eq!(
+        &emb[..emb0.len()],
+        emb0,
+        "existing class embeddings changed"
+    );
+
+    capt_edge::labels::remove_classes(&out, &new).unwrap();
+    let (names2, logits2) = classify(&out, &b);
+    assert_eq!(names2, names0);
+    let d = max_diff(&logits2, &logits0);
+    println!("f16 CAPT add 2 + remove 2 vs original: max |dlogit| {d:.3e}");
+    assert!(d <= 1e-5);
 }

@@ -1,7 +1,8 @@
 //! End to end on the tiny CLIP and the DTD fixture: train CAPT one epoch, export, and check
 //! the ONNX graphs against `capt-train eval`'s own computation (tract, and onnxruntime when
-//! `ORT_DYLIB_PATH` is set), text-encoder parity, f16/int8 agreement, determinism, zero-shot
-//! export, Triton layout, and the bad-input errors. `CAPT_EXPORT_BACKBONE=DIR` runs them on
+//! `ORT_DYLIB_PATH` is set), text-encoder parity, f16/int8 agreement (f16 compute typed by
+//! tract; `onnx.checker` with `CAPT_PYTHON`), determinism, zero-shot export, Triton layout,
+//! and the bad-input errors. `CAPT_EXPORT_BACKBONE=DIR` runs them on
 //! another HF CLIP (tools/bench_export.sh uses a random ViT-B/16).
 
 mod common;
@@ -205,17 +206,26 @@ fn export_is_byte_deterministic_and_atomic() {
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     export_to(&a, &ExportOptions::default());
     export_to(&b, &ExportOptions::default());
-    for f in [
-        "classifier.onnx",
-        "text_encoder.onnx",
-        "image_encoder.onnx",
-        "capt.json",
-    ] {
-        assert_eq!(
-            std::fs::read(a.join(f)).unwrap(),
-            std::fs::read(b.join(f)).unwrap(),
-            "{f} differs between two exports of one checkpoint"
-        );
+    let half = ExportOptions {
+        precision: Precision::F16,
+        ..Default::default()
+    };
+    let (c, d) = (tmp.path().join("c"), tmp.path().join("d"));
+    export_to(&c, &half);
+    export_to(&d, &half);
+    for (x, y) in [(&a, &b), (&c, &d)] {
+        for f in [
+            "classifier.onnx",
+            "text_encoder.onnx",
+            "image_encoder.onnx",
+            "capt.json",
+        ] {
+            assert_eq!(
+                std::fs::read(x.join(f)).unwrap(),
+                std::fs::read(y.join(f)).unwrap(),
+                "{f} differs between two exports of one checkpoint"
+            );
+        }
     }
     // An existing directory is kept unless --force; no temporary folders are left behind.
     let src = capt_export::from_checkpoint(trained(), None, &Classes::Trained).unwrap();
@@ -234,6 +244,30 @@ fn export_is_byte_deterministic_and_atomic() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// The exported classifier of `dir` on onnxruntime (CPU), when `ORT_DYLIB_PATH` is set.
+fn ort(dir: &Path) -> Option<capt_backend_ort::OrtBackend> {
+    std::env::var_os("ORT_DYLIB_PATH")?;
+    let md = ModelDir::open(dir).unwrap();
+    let opts = capt_backend_ort::OrtOptions {
+        lib: None,
+        device: capt_backend_ort::Device::Cpu,
+        device_id: 0,
+        allow_fallback: false,
+        threads: 1,
+    };
+    Some(capt_backend_ort::OrtBackend::load(&md, &opts).unwrap())
+}
+
+/// Top-1 agreement and max |dlogit| of `got` against `want`.
+fn agreement(got: &[f32], want: &[f32], c: usize) -> (usize, f32) {
+    let agree = argmax_rows(got, c)
+        .iter()
+        .zip(argmax_rows(want, c))
+        .filter(|(a, b)| **a == *b)
+        .count();
+    (agree, max_diff(got, want))
+}
+
 #[test]
 fn f16_and_int8_agree_with_f32() {
     let tmp = tempfile::tempdir().unwrap();
@@ -242,6 +276,7 @@ fn f16_and_int8_agree_with_f32() {
     let batch = images(src.spec.clip.vision.image_size as u32);
     let base = tract(&f32_dir).classify(&batch).unwrap();
     let c = base.classes;
+    let base_ort = ort(&f32_dir).map(|o| o.classify(&batch).unwrap());
     for (name, opts) in [
         (
             "f16",
@@ -261,20 +296,100 @@ fn f16_and_int8_agree_with_f32() {
         let dir = tmp.path().join(name);
         export_to(&dir, &opts);
         let o = tract(&dir).classify(&batch).unwrap();
-        let agree = argmax_rows(&o.logits, c)
-            .iter()
-            .zip(argmax_rows(&base.logits, c))
-            .filter(|(a, b)| **a == *b)
-            .count();
-        let d = max_diff(&o.logits, &base.logits);
+        let (agree, d) = agreement(&o.logits, &base.logits, c);
         println!(
-            "{name}: top-1 agreement {agree}/{} with f32, max |dlogit| {d:.3e}, classifier {} bytes vs {}",
+            "{name} (tract): top-1 agreement {agree}/{} with f32, max |dlogit| {d:.3e}, classifier {} bytes vs {}",
             batch.n,
             std::fs::metadata(dir.join("classifier.onnx")).unwrap().len(),
             std::fs::metadata(f32_dir.join("classifier.onnx")).unwrap().len()
         );
         assert_eq!(agree, batch.n, "{name} changes a top-1 prediction");
+        assert!(o.logits.iter().all(|v| v.is_finite()));
+        match (ort(&dir), &base_ort) {
+            (Some(r), Some(b)) => {
+                let o = r.classify(&batch).unwrap();
+                let (agree, d) = agreement(&o.logits, &b.logits, c);
+                println!(
+                    "{name} (onnxruntime): top-1 agreement {agree}/{} with f32, max |dlogit| {d:.3e}",
+                    batch.n
+                );
+                assert_eq!(
+                    agree, batch.n,
+                    "{name} changes a top-1 prediction in onnxruntime"
+                );
+            }
+            _ => println!("notice: ORT_DYLIB_PATH not set; {name} in onnxruntime skipped"),
+        }
+        let md = ModelDir::open(&dir).unwrap();
+        assert_eq!(md.manifest.precision, opts.precision.as_str());
     }
+
+    // f16 is f16 compute: every MatMul and Conv operand is F16 as tract types the graph, the
+    // interface stays f32, and no storage-widening cast is left.
+    for graph in ["classifier", "text_encoder", "image_encoder"] {
+        let path = tmp.path().join("f16").join(format!("{graph}.onnx"));
+        let model = capt_onnx::read_model(&path).unwrap();
+        let types = capt_onnx::tract_value_types(&path).unwrap();
+        let g = model.graph.as_ref().unwrap();
+        let mut operands = 0;
+        for n in g
+            .node
+            .iter()
+            .filter(|n| matches!(n.op_type.as_str(), "MatMul" | "Conv"))
+        {
+            for i in &n.input {
+                assert_eq!(types[i], "F16", "{graph}: {} input {i}", n.name);
+                operands += 1;
+            }
+        }
+        assert!(operands > 0);
+        for o in &g.output {
+            assert_eq!(types[&o.name], "F32", "{graph}: output {}", o.name);
+        }
+        let f16_inits: std::collections::HashSet<&str> = g
+            .initializer
+            .iter()
+            .filter(|t| t.data_type == capt_onnx::pb::tensor_proto::DataType::Float16 as i32)
+            .map(|t| t.name.as_str())
+            .collect();
+        assert!(!f16_inits.is_empty());
+        // A cast of an f16 weight may only widen it for an f32 op, never be a no-op.
+        let half = capt_onnx::pb::tensor_proto::DataType::Float16 as i64;
+        for n in g.node.iter().filter(|n| n.op_type == "Cast") {
+            let to = n.attribute.iter().find(|a| a.name == "to").unwrap().i;
+            assert!(
+                !(f16_inits.contains(n.input[0].as_str()) && to == half),
+                "{}",
+                n.name
+            );
+        }
+        let meta: std::collections::BTreeMap<_, _> = model
+            .metadata_props
+            .iter()
+            .map(|p| (p.key.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(meta["capt.precision"], "f16");
+    }
+
+    // onnx.checker (full_check: strict type and shape inference) and an onnxruntime session on
+    // every file, with the reference Python tools when available.
+    match std::env::var_os("CAPT_PYTHON") {
+        Some(py) => {
+            let out = std::process::Command::new(py)
+                .arg(repo().join("tools/check_onnx.py"))
+                .args(["f32", "f16", "int8"].map(|d| tmp.path().join(d)))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success() && text.contains("9/9 passed"),
+                "{text}"
+            );
+        }
+        None => println!("notice: CAPT_PYTHON not set; onnx.checker skipped"),
+    }
+
     // f16 + int8 together is refused.
     let both = ExportOptions {
         precision: Precision::F16,

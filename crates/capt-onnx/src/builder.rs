@@ -135,7 +135,7 @@ fn host_bytes(t: &HostTensor, f16: bool) -> (pb::tensor_proto::DataType, Vec<u8>
     }
 }
 
-fn value_info(name: &str, dtype: DType, dims: &[Dim]) -> pb::ValueInfoProto {
+pub(crate) fn value_info(name: &str, dtype: DType, dims: &[Dim]) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension, Dimension};
     let dim = dims
         .iter()

@@ -42,7 +42,7 @@ fn attr_i(name: &str, i: i64) -> pb::AttributeProto {
     }
 }
 
-fn f32s(t: &pb::TensorProto) -> Option<Vec<f32>> {
+pub(crate) fn f32s(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if !t.raw_data.is_empty() {
         Some(
             t.raw_data

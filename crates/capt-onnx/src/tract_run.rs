@@ -1,9 +1,11 @@
 //! Running a written model with tract (parity tests, edge checks).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use capt_graph::{HostData, HostTensor};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::{Error, Result};
 
@@ -49,6 +51,33 @@ pub fn run_tract(path: &Path, inputs: &[HostTensor]) -> Result<Vec<HostTensor>> 
         let plan = model.into_optimized()?.into_runnable()?;
         let outs = plan.run(tensors.into_iter().map(|t| t.into()).collect())?;
         outs.iter().map(|o| from_tract(o)).collect()
+    };
+    go().map_err(|e| Error::Tract {
+        path: path.to_path_buf(),
+        msg: format!("{e:#}"),
+    })
+}
+
+/// The element type tract infers for every value of the model at `path` (node outputs under
+/// their ONNX names, initializers under theirs), as tract prints it (`F16`, `F32`, `I64`,
+/// ...): a check of a graph's typing that does not rely on the code that wrote it.
+pub fn tract_value_types(path: &Path) -> Result<HashMap<String, String>> {
+    let go = || -> TractResult<HashMap<String, String>> {
+        let mut model = tract_onnx::onnx().model_for_path(path)?;
+        model.analyse(false)?;
+        let mut out = HashMap::new();
+        for node in model.nodes() {
+            for i in 0..node.outputs.len() {
+                let o = OutletId::new(node.id, i);
+                let name = model
+                    .outlet_label(o)
+                    .map_or_else(|| node.name.clone(), str::to_string);
+                if let Some(dt) = model.outlet_fact(o)?.datum_type.concretize() {
+                    out.insert(name, format!("{dt:?}"));
+                }
+            }
+        }
+        Ok(out)
     };
     go().map_err(|e| Error::Tract {
         path: path.to_path_buf(),
