@@ -80,6 +80,20 @@ def time_export(export: Path, backbone: Path, threads: int, reps: int) -> None:
         for b in (1, 8):
             x = np.random.default_rng(0).standard_normal((b, 3, 224, 224)).astype(np.float32)
             res[f"{name} b{b}"] = timeit(sess, {"pixel_values": x}, reps if b == 1 else max(3, reps // 3))
+    # PyTorch eager anchor: the bare HF image encoder, same threads, inference mode.
+    torch.set_num_threads(threads)
+    m = CLIPVisionModelWithProjection.from_pretrained(backbone).eval()
+    for b in (1, 8):
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((b, 3, 224, 224)).astype(np.float32))
+        with torch.inference_mode():
+            for _ in range(2):
+                m(pixel_values=x)
+            ts = []
+            for _ in range(reps if b == 1 else max(3, reps // 3)):
+                t = time.perf_counter()
+                m(pixel_values=x)
+                ts.append((time.perf_counter() - t) * 1000)
+        res[f"torch eager image encoder b{b}"] = statistics.median(ts)
     for k, v in res.items():
         print(f"{k:<36} {v:8.1f} ms")
     for b in (1, 8):
