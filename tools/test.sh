@@ -33,10 +33,13 @@ cargo fmt --all --check
 # Lint (clippy -D warnings) is `bash tools/lint.sh`; the test gate runs the suite.
 cargo test --workspace "$@"
 
-# The edge runtime cross-compiled for aarch64 (Jetson / ARM boxes), its tests under qemu-user.
-# Opt-in (CAPT_AARCH64=1): a cold run compiles every dependency again for aarch64 (~55 min on
-# 2 cores), which does not fit next to the native suite in one 90-minute job; run it as its own
-# CI job (tools/test-aarch64.sh; warm: ~2 min).
-if [ "${CAPT_AARCH64:-0}" = 1 ]; then
-  bash tools/test-aarch64.sh
+# The edge runtime cross-compiled for aarch64 (Jetson / ARM boxes), its tests under qemu-user
+# (tools/test-aarch64.sh, tests only here; the release binary is built by the script when run
+# by hand). On by default, CI included: cold 20 min on 2 cores while another build shared them
+# (85 tests; the native suite above ~11 min), warm ~2 min.
+# CAPT_AARCH64=0 skips it; when the cross toolchain can neither be found nor installed (no
+# root, no Debian mirror) the step says so and is skipped, so the native suite above still
+# gates a machine without apt. A test that fails under qemu fails this command.
+if [ "${CAPT_AARCH64:-1}" != 0 ]; then
+  CAPT_AARCH64_SKIP_RELEASE=1 CAPT_AARCH64_SETUP_OPTIONAL=1 bash tools/test-aarch64.sh
 fi
