@@ -70,6 +70,55 @@ pub struct BenchReport {
     pub batches: Vec<BatchStats>,
     /// Peak resident set size (VmHWM), MiB; None where /proc is unavailable.
     pub peak_rss_mib: Option<f64>,
+    /// b1 p50 against the project's CPU anchors, when the model is ViT-B/16 at 224 px.
+    pub anchors: Vec<AnchorRatio>,
+}
+
+/// The project's CPU anchors: CLIP ViT-B/16 image encoder, batch 1, 2 threads, on the 2-core
+/// reference machine (ms). The classifier adds the CAPT head to that encoder.
+pub const ANCHORS_B16_B1_MS: [(&str, f64); 4] = [
+    ("onnxruntime", 85.0),
+    ("tract", 190.0),
+    ("PyTorch eager", 215.0),
+    ("candle", 290.0),
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AnchorRatio {
+    pub anchor: String,
+    pub anchor_ms: f64,
+    /// This run's b1 p50 divided by the anchor (< 1: faster than the anchor).
+    pub ratio: f64,
+}
+
+/// Whether a manifest's `model_spec` describes a ViT-B/16 vision tower at 224 px.
+fn is_vit_b16(spec: Option<&serde_json::Value>) -> bool {
+    let Some(v) = spec.and_then(|s| s.pointer("/clip/vision")) else {
+        return false;
+    };
+    let is = |k: &str, want: u64| v.get(k).and_then(|x| x.as_u64()) == Some(want);
+    is("hidden_size", 768)
+        && is("num_hidden_layers", 12)
+        && is("patch_size", 16)
+        && is("image_size", 224)
+}
+
+/// Ratios of the b1 p50 against [`ANCHORS_B16_B1_MS`] (empty unless ViT-B/16 and b1 was timed).
+pub fn anchor_ratios(spec: Option<&serde_json::Value>, batches: &[BatchStats]) -> Vec<AnchorRatio> {
+    let Some(b1) = batches.iter().find(|b| b.batch == 1) else {
+        return Vec::new();
+    };
+    if !is_vit_b16(spec) {
+        return Vec::new();
+    }
+    ANCHORS_B16_B1_MS
+        .iter()
+        .map(|(name, ms)| AnchorRatio {
+            anchor: name.to_string(),
+            anchor_ms: *ms,
+            ratio: b1.p50_ms / ms,
+        })
+        .collect()
 }
 
 /// Nearest-rank percentile of sorted samples.
@@ -143,6 +192,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         }
         batches.push(stats(n, secs));
     }
+    let anchors = anchor_ratios(engine.model.manifest.model_spec.as_ref(), &batches);
     Ok(BenchReport {
         model: engine.model.manifest.model_name.clone(),
         backend: engine.backend.describe(),
@@ -150,6 +200,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         load_ms: engine.load_seconds * 1e3,
         batches,
         peak_rss_mib: peak_rss_mib(),
+        anchors,
     })
 }
 
@@ -173,9 +224,23 @@ pub fn print_table(r: &BenchReport, out: &mut dyn std::io::Write) -> std::io::Re
         )?;
     }
     match r.peak_rss_mib {
-        Some(m) => writeln!(out, "peak RSS {m:.1} MiB"),
-        None => writeln!(out, "peak RSS unavailable"),
+        Some(m) => writeln!(out, "peak RSS {m:.1} MiB")?,
+        None => writeln!(out, "peak RSS unavailable")?,
     }
+    if !r.anchors.is_empty() {
+        writeln!(
+            out,
+            "b1 p50 vs the CPU anchors (ViT-B/16 image encoder, b1, 2 threads; < 1 is faster):"
+        )?;
+        for a in &r.anchors {
+            writeln!(
+                out,
+                "  {:<14} {:>6.0} ms  {:.2}x",
+                a.anchor, a.anchor_ms, a.ratio
+            )?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -191,6 +256,22 @@ mod tests {
         let s = stats(4, vec![0.002, 0.001, 0.003]);
         assert_eq!(s.p50_ms, 2.0);
         assert!((s.images_per_second - 2000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn anchor_ratios_only_for_vit_b16() {
+        let b16 = serde_json::json!({"clip": {"vision": {
+            "hidden_size": 768, "num_hidden_layers": 12, "patch_size": 16, "image_size": 224}}});
+        let tiny = serde_json::json!({"clip": {"vision": {
+            "hidden_size": 64, "num_hidden_layers": 2, "patch_size": 16, "image_size": 32}}});
+        let b = [stats(1, vec![0.095]), stats(8, vec![0.8])];
+        let r = anchor_ratios(Some(&b16), &b);
+        assert_eq!(r.len(), ANCHORS_B16_B1_MS.len());
+        let tract = r.iter().find(|a| a.anchor == "tract").unwrap();
+        assert!((tract.ratio - 95.0 / 190.0).abs() < 1e-9);
+        assert!(anchor_ratios(Some(&tiny), &b).is_empty());
+        assert!(anchor_ratios(None, &b).is_empty());
+        assert!(anchor_ratios(Some(&b16), &b[1..]).is_empty());
     }
 
     #[test]
