@@ -40,16 +40,33 @@ fn classify(dir: &Path, b: &ImageBatch) -> (Vec<String>, Vec<f32>) {
     (names, tract(dir).classify(b).unwrap().logits)
 }
 
+/// Trains `method` with `seed` in `tmp`, exports it with `opts` to `tmp/model`; returns the
+/// export source (class names, spec) and the model directory.
+fn trained_export(
+    tmp: &Path,
+    method: capt_method::Method,
+    seed: u64,
+    opts: &ExportOptions,
+) -> (capt_export::ExportSource, PathBuf) {
+    let run = tmp.join("run");
+    train(&run, method, seed);
+    let out = tmp.join("model");
+    let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
+    capt_export::export(&src, opts, &out).unwrap();
+    (src, out)
+}
+
 const NEW: [&str; 2] = ["zebra stripes", "polka dots"];
 
 #[test]
 fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("coop");
-    train(&run, capt_method::Method::Coop, 2);
-    let out = tmp.path().join("model");
-    let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
-    capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
+    let (src, out) = trained_export(
+        tmp.path(),
+        capt_method::Method::Coop,
+        2,
+        &ExportOptions::default(),
+    );
     let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
     let edit = capt_edge::labels::add_classes(&out, &new).unwrap();
     assert_eq!(edit.classes, src.class_names.len() + 2);
@@ -59,7 +76,7 @@ fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
     all.extend(new.clone());
     assert_eq!(names, all);
     // capt-train scoring the checkpoint on the extended class list.
-    let scorer = eval_scorer(&run, Some(&all));
+    let scorer = eval_scorer(&tmp.path().join("run"), Some(&all));
     let want = logits_of(&scorer, &b);
     let d = max_diff(&got, &want);
     println!("CoOp + 2 added classes vs capt-train eval: max |dlogit| {d:.3e}");
@@ -72,11 +89,12 @@ fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
 #[test]
 fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("capt");
-    train(&run, capt_method::Method::Capt, 2);
-    let out = tmp.path().join("model");
-    let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
-    capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
+    let (src, out) = trained_export(
+        tmp.path(),
+        capt_method::Method::Capt,
+        2,
+        &ExportOptions::default(),
+    );
     let b = batch(src.spec.clip.vision.image_size as u32);
     let (names0, logits0) = classify(&out, &b);
     let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
@@ -129,15 +147,11 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
 #[test]
 fn f16_compute_export_stays_f16_through_class_edits() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("capt");
-    train(&run, capt_method::Method::Capt, 3);
-    let out = tmp.path().join("model");
-    let src = capt_export::from_checkpoint(&run, None, &Classes::Trained).unwrap();
     let opts = ExportOptions {
         precision: Precision::F16,
         ..Default::default()
     };
-    capt_export::export(&src, &opts, &out).unwrap();
+    let (src, out) = trained_export(tmp.path(), capt_method::Method::Capt, 3, &opts);
     let b = batch(src.spec.clip.vision.image_size as u32);
     let (names0, logits0) = classify(&out, &b);
     let params0 = {
