@@ -6,7 +6,6 @@
 //! the default backend of `capt-edge`.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use capt_backend::{
@@ -33,8 +32,8 @@ pub struct TractOptions {
 pub struct TractBackend {
     /// The N=1 plan on the multithreaded executor: one image at a time, lowest latency.
     one: Arc<TypedRunnableModel>,
-    /// The same optimised model on a single-thread executor, run by `threads` workers side by
-    /// side over the images of a larger batch (`None` with one thread).
+    /// The same optimised model on a single-thread executor, run by up to `threads` workers
+    /// side by side, each over a contiguous share of a larger batch (`None` with one thread).
     solo: Option<Arc<TypedRunnableModel>>,
     fixed: Vec<(usize, Arc<TypedRunnableModel>)>,
     crop: usize,
@@ -153,10 +152,6 @@ impl Backend for TractBackend {
 
     fn classify(&self, batch: &ImageBatch) -> Result<ClassifierOutput, BackendError> {
         check_batch(batch, self.crop)?;
-        let run_err = |e: TractError| BackendError::Run {
-            engine: ENGINE,
-            reason: format!("{e:#}"),
-        };
         if let Some((_, plan)) = self.fixed.iter().find(|(b, _)| *b == batch.n) {
             let input = Tensor::from_shape(&batch.shape(), &batch.data).map_err(run_err)?;
             let outputs = plan.run(tvec!(input.into())).map_err(run_err)?;
@@ -173,21 +168,17 @@ impl Backend for TractBackend {
         };
         let rows: Vec<Rows> = match &self.solo {
             Some(solo) if batch.n > 1 => {
-                // Images side by side: each worker pulls the next index until none is left.
-                let next = AtomicUsize::new(0);
-                let workers = self.threads.min(batch.n);
-                let mut done: Vec<(usize, Rows)> = std::thread::scope(|s| {
-                    let handles: Vec<_> = (0..workers)
-                        .map(|_| {
-                            s.spawn(|| {
-                                let mut mine = Vec::new();
-                                loop {
-                                    let i = next.fetch_add(1, Ordering::Relaxed);
-                                    if i >= batch.n {
-                                        return Ok(mine);
-                                    }
-                                    mine.push((i, run_one(solo, i)?));
-                                }
+                // Images side by side: one contiguous chunk per worker, results in batch order.
+                let per = batch.n.div_ceil(self.threads);
+                let run_one = &run_one;
+                let chunks: Vec<Result<Vec<Rows>, BackendError>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..batch.n)
+                        .step_by(per)
+                        .map(|start| {
+                            s.spawn(move || {
+                                (start..(start + per).min(batch.n))
+                                    .map(|i| run_one(solo, i))
+                                    .collect()
                             })
                         })
                         .collect();
@@ -201,13 +192,9 @@ impl Backend for TractBackend {
                                 })
                             })
                         })
-                        .collect::<Result<Vec<Vec<_>>, BackendError>>()
-                })?
-                .into_iter()
-                .flatten()
-                .collect();
-                done.sort_by_key(|(i, _)| *i);
-                done.into_iter().map(|(_, r)| r).collect()
+                        .collect()
+                });
+                chunks.into_iter().collect::<Result<Vec<_>, _>>()?.concat()
             }
             _ => (0..batch.n)
                 .map(|i| run_one(&self.one, i))
@@ -227,14 +214,16 @@ impl Backend for TractBackend {
 /// One image's `logits` and `probs` rows.
 type Rows = (Vec<f32>, Vec<f32>);
 
+fn run_err(e: TractError) -> BackendError {
+    BackendError::Run {
+        engine: ENGINE,
+        reason: format!("{e:#}"),
+    }
+}
+
 /// Output `ix` of a plan run as (shape, values).
 fn take(outputs: &TVec<TValue>, ix: usize) -> Result<(Vec<usize>, Vec<f32>), BackendError> {
-    let view = outputs[ix]
-        .to_plain_array_view::<f32>()
-        .map_err(|e| BackendError::Run {
-            engine: ENGINE,
-            reason: format!("{e:#}"),
-        })?;
+    let view = outputs[ix].to_plain_array_view::<f32>().map_err(run_err)?;
     Ok((view.shape().to_vec(), view.iter().copied().collect()))
 }
 
