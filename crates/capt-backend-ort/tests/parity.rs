@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use capt_backend::{synthetic_batch, warm_up, Backend, ModelDir};
+use capt_backend::{max_abs_diff, synthetic_batch, warm_up, Backend, ModelDir};
 use capt_backend_ort::{Device, OrtBackend, OrtOptions};
 use capt_backend_tract::{TractBackend, TractOptions};
 
@@ -35,13 +35,6 @@ fn opts(device: Device, allow_fallback: bool) -> OrtOptions {
         threads: 1,
         ..Default::default()
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -86,11 +79,11 @@ fn ort_matches_reference_and_tract() {
         .collect();
     // Same library and graph as the Python reference: bit-for-bit up to thread scheduling.
     assert!(
-        max_diff(&a.probs, &want) <= 1e-6,
+        max_abs_diff(&a.probs, &want) <= 1e-6,
         "ort vs python onnxruntime"
     );
-    let dp = max_diff(&a.probs, &b.probs);
-    let dl = max_diff(&a.logits, &b.logits);
+    let dp = max_abs_diff(&a.probs, &b.probs);
+    let dl = max_abs_diff(&a.logits, &b.logits);
     eprintln!("ort vs tract: max |probs diff| {dp:e}, max |logits diff| {dl:e}");
     assert!(dp <= 1e-5, "probs differ by {dp}");
     assert!(dl <= 1e-4, "logits (scale 100) differ by {dl}");
@@ -98,7 +91,7 @@ fn ort_matches_reference_and_tract() {
     // Every batch size from 1 to 8 agrees across engines.
     for n in 1..=8 {
         let x = synthetic_batch(n, 32);
-        let d = max_diff(
+        let d = max_abs_diff(
             &ort.classify(&x).unwrap().probs,
             &tract.classify(&x).unwrap().probs,
         );
@@ -121,7 +114,7 @@ fn ort_matches_reference_and_tract() {
             height: 32,
             width: 32,
         };
-        let d = max_diff(
+        let d = max_abs_diff(
             &ort.classify(&x).unwrap().probs,
             &tract.classify(&x).unwrap().probs,
         );

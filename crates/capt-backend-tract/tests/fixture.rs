@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use capt_backend::{synthetic_batch, warm_up, Backend, ModelDir};
+use capt_backend::{max_abs_diff, synthetic_batch, warm_up, Backend, ModelDir};
 use capt_backend_tract::{TractBackend, TractOptions};
 use sha2::Digest;
 
@@ -28,14 +28,6 @@ fn rows(v: &serde_json::Value) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn load(threads: usize) -> (ModelDir, TractBackend) {
@@ -63,8 +55,8 @@ fn matches_onnxruntime_on_synthetic_batch() {
         let probs = rows(&reference["synthetic"]["probs"]);
         for i in 0..3 {
             // logits carry CLIP's logit scale (100): 1e-4 absolute is 1e-6 relative.
-            let dl = max_diff(out.logits_row(i), &logits[i]);
-            let dp = max_diff(out.probs_row(i), &probs[i]);
+            let dl = max_abs_diff(out.logits_row(i), &logits[i]);
+            let dp = max_abs_diff(out.probs_row(i), &probs[i]);
             assert!(
                 dl <= 1e-4 && dp <= 1e-5,
                 "row {i}: logits diff {dl}, probs diff {dp}"
@@ -87,7 +79,7 @@ fn batch_rows_are_independent_of_batch_size() {
             width: 32,
         };
         let o = backend.classify(&one).unwrap();
-        assert!(max_diff(o.probs_row(0), all.probs_row(i)) <= 1e-6);
+        assert!(max_abs_diff(o.probs_row(0), all.probs_row(i)) <= 1e-6);
     }
 }
 
@@ -115,7 +107,7 @@ fn images_match_reference() {
             .iter()
             .map(|x| x.as_f64().unwrap() as f32)
             .collect();
-        let d = max_diff(out.probs_row(0), &probs);
+        let d = max_abs_diff(out.probs_row(0), &probs);
         // capt-core reproduces Pillow's decoding and bicubic resize, so even the resized JPEG
         // and PNG match the Python pipeline (PIL + onnxruntime).
         assert!(d <= 1e-5, "{file}: probs diff {d}");
@@ -229,7 +221,10 @@ fn batch_paths_agree() {
         assert_eq!((a.n, b.n), (n, n));
         assert_eq!(a.classes, b.classes);
         // Summation order differs between plans; logits carry CLIP's x100 scale.
-        let (dp, dl) = (max_diff(&a.probs, &b.probs), max_diff(&a.logits, &b.logits));
+        let (dp, dl) = (
+            max_abs_diff(&a.probs, &b.probs),
+            max_abs_diff(&a.logits, &b.logits),
+        );
         assert!(
             dp <= 1e-6 && dl <= 1e-4,
             "batch {n}: probs {dp}, logits {dl}"
@@ -243,7 +238,7 @@ fn batch_paths_agree() {
             width: 32,
         };
         let solo = side_by_side.classify(&one).unwrap();
-        let d = max_diff(solo.logits_row(0), a.logits_row(n - 1));
+        let d = max_abs_diff(solo.logits_row(0), a.logits_row(n - 1));
         assert!(d <= 1e-4, "batch {n}, last row: {d}");
     }
 }

@@ -200,6 +200,16 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(usize, f32)> {
     idx.into_iter().map(|i| (i, row[i])).collect()
 }
 
+/// Largest absolute elementwise difference of two equally long outputs (parity checks of one
+/// engine against another or against a reference). Panics when the lengths differ.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "outputs of different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// Deterministic test/bench input, exactly representable in f32 so every engine (and the
 /// Python fixture generator) sees the same bits: `x[i] = ((i*7919) % 255) / 255 - 0.5`.
 pub fn synthetic_batch(n: usize, size: usize) -> ImageBatch {

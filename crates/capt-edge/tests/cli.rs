@@ -54,7 +54,10 @@ fn classify_files_folders_and_stdin_as_json() {
             .iter()
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
-        assert!(max_diff(&got, &want) <= 1e-5, "{file}: {got:?} vs {want:?}");
+        assert!(
+            max_abs_diff(&got, &want) <= 1e-5,
+            "{file}: {got:?} vs {want:?}"
+        );
     }
 
     // stdin, text output.
@@ -312,7 +315,7 @@ fn ort_and_tract_classify_alike() {
     assert_eq!(a.len(), 4);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x["image"], y["image"]);
-        let d = max_diff(&probs_in_class_order(x, 5), &probs_in_class_order(y, 5));
+        let d = max_abs_diff(&probs_in_class_order(x, 5), &probs_in_class_order(y, 5));
         assert!(d <= 1e-5, "{}: {d}", x["image"]);
     }
 }

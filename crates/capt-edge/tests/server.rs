@@ -74,7 +74,7 @@ async fn every_endpoint_answers() {
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    assert!(max_diff(&probs, &want) <= 1e-5, "{probs:?} vs {want:?}");
+    assert!(max_abs_diff(&probs, &want) <= 1e-5, "{probs:?} vs {want:?}");
     let ps: Vec<f64> = res["top_k"]
         .as_array()
         .unwrap()

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use capt_backend::{Backend, ModelDir};
@@ -58,6 +59,23 @@ fn trained_export(
 
 const NEW: [&str; 2] = ["zebra stripes", "polka dots"];
 
+/// Adds [`NEW`] to the model at `out` (which had `before` classes); returns the new names and
+/// the class names and logits of `b` afterwards, checked for length and finiteness.
+fn add_new(out: &Path, b: &ImageBatch, before: usize) -> (Vec<String>, Vec<String>, Vec<f32>) {
+    let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
+    capt_edge::labels::add_classes(out, &new).unwrap();
+    let (names, logits) = classify(out, b);
+    assert_eq!(names.len(), before + 2);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    (new, names, logits)
+}
+
+/// The parameters of the model's current classifier, as `capt-edge` reads them back.
+fn classifier_params(out: &Path) -> BTreeMap<String, capt_graph::HostTensor> {
+    let path = ModelDir::open(out).unwrap().classifier_path();
+    capt_onnx::read_params(&capt_onnx::read_model(&path).unwrap()).unwrap()
+}
+
 #[test]
 fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
     let tmp = tempfile::tempdir().unwrap();
@@ -78,7 +96,7 @@ fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
     // capt-train scoring the checkpoint on the extended class list.
     let scorer = eval_scorer(&tmp.path().join("run"), Some(&all));
     let want = logits_of(&scorer, &b);
-    let d = max_diff(&got, &want);
+    let d = max_abs_diff(&got, &want);
     println!("CoOp + 2 added classes vs capt-train eval: max |dlogit| {d:.3e}");
     assert!(d <= 1e-4);
     // The old classifier file is gone, the manifest names the new one, hashes check out.
@@ -97,15 +115,9 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
     );
     let b = batch(src.spec.clip.vision.image_size as u32);
     let (names0, logits0) = classify(&out, &b);
-    let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
-    capt_edge::labels::add_classes(&out, &new).unwrap();
-    let (names1, logits1) = classify(&out, &b);
-    assert_eq!(names1.len(), names0.len() + 2);
-    assert!(logits1.iter().all(|v| v.is_finite()));
+    let (new, names1, _) = add_new(&out, &b, names0.len());
     // New classes have candidate partners from the prior and empty cells.
-    let md = ModelDir::open(&out).unwrap();
-    let model = capt_onnx::read_model(&md.classifier_path()).unwrap();
-    let p = capt_onnx::read_params(&model).unwrap();
+    let p = classifier_params(&out);
     let cells = p[capt_model::names::CELLS].as_i64().unwrap();
     let per_class = cells.len() / names1.len();
     assert!(cells[names0.len() * per_class..].iter().all(|&c| c == -1));
@@ -120,7 +132,7 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
     capt_edge::labels::remove_classes(&out, &new).unwrap();
     let (names2, logits2) = classify(&out, &b);
     assert_eq!(names2, names0);
-    let d = max_diff(&logits2, &logits0);
+    let d = max_abs_diff(&logits2, &logits0);
     println!("CAPT add 2 + remove 2 vs original: max |dlogit| {d:.3e}");
     assert!(d <= 1e-5);
 
@@ -154,15 +166,8 @@ fn f16_compute_export_stays_f16_through_class_edits() {
     let (src, out) = trained_export(tmp.path(), capt_method::Method::Capt, 3, &opts);
     let b = batch(src.spec.clip.vision.image_size as u32);
     let (names0, logits0) = classify(&out, &b);
-    let params0 = {
-        let m = capt_onnx::read_model(&ModelDir::open(&out).unwrap().classifier_path()).unwrap();
-        capt_onnx::read_params(&m).unwrap()
-    };
-    let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
-    capt_edge::labels::add_classes(&out, &new).unwrap();
-    let (names1, logits1) = classify(&out, &b);
-    assert_eq!(names1.len(), names0.len() + 2);
-    assert!(logits1.iter().all(|v| v.is_finite()));
+    let params0 = classifier_params(&out);
+    let (new, _, _) = add_new(&out, &b, names0.len());
     // Still f16 compute: recorded, MatMul operands typed F16, parameters read back.
     let md = ModelDir::open(&out).unwrap();
     assert_eq!(md.manifest.precision, "f16");
@@ -189,7 +194,7 @@ fn f16_compute_export_stays_f16_through_class_edits() {
     capt_edge::labels::remove_classes(&out, &new).unwrap();
     let (names2, logits2) = classify(&out, &b);
     assert_eq!(names2, names0);
-    let d = max_diff(&logits2, &logits0);
+    let d = max_abs_diff(&logits2, &logits0);
     println!("f16 CAPT add 2 + remove 2 vs original: max |dlogit| {d:.3e}");
     assert!(d <= 1e-5);
 }

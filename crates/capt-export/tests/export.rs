@@ -92,7 +92,7 @@ fn classifier_matches_capt_train_eval_in_tract() {
     let batch = images(size);
     let want = eval_logits(trained(), &batch);
     let got = tract(&out).classify(&batch).unwrap();
-    let d = max_diff(&got.logits, &want);
+    let d = max_abs_diff(&got.logits, &want);
     println!(
         "tract vs capt-train eval: max |dlogit| = {d:.3e} over {} images",
         batch.n
@@ -146,7 +146,7 @@ fn classifier_matches_capt_train_eval_in_tract() {
         )
         .unwrap();
         let o = ort.classify(&batch).unwrap();
-        let d = max_diff(&o.logits, &want);
+        let d = max_abs_diff(&o.logits, &want);
         println!("onnxruntime vs capt-train eval: max |dlogit| = {d:.3e}");
         assert!(d <= 1e-4, "ort logits differ from eval by {d}");
     } else {
@@ -188,7 +188,7 @@ fn text_encoder_reproduces_class_embeddings_and_encodes_new_names() {
     assert_eq!(outs.len(), src.spec.text.families.len());
     let want = src.params[capt_model::names::CLASS_EMB].as_f32().unwrap();
     let got = outs[0].as_f32().unwrap();
-    let d = max_diff(got, want);
+    let d = max_abs_diff(got, want);
     println!("text_encoder vs trainer class embeddings: max diff {d:.3e}");
     assert!(d <= 1e-5, "text encoder differs from the trainer by {d}");
     // A name the model never saw gets a finite embedding different from every class's.
@@ -197,7 +197,7 @@ fn text_encoder_reproduces_class_embeddings_and_encodes_new_names() {
     let e = outs[0].as_f32().unwrap();
     assert!(e.iter().all(|v| v.is_finite()));
     let dim = src.spec.clip.projection_dim;
-    assert!(want.chunks(dim).all(|row| max_diff(row, e) > 1e-3));
+    assert!(want.chunks(dim).all(|row| max_abs_diff(row, e) > 1e-3));
 }
 
 #[test]
@@ -265,7 +265,7 @@ fn agreement(got: &[f32], want: &[f32], c: usize) -> (usize, f32) {
         .zip(argmax_rows(want, c))
         .filter(|(a, b)| **a == *b)
         .count();
-    (agree, max_diff(got, want))
+    (agree, max_abs_diff(got, want))
 }
 
 #[test]
@@ -427,7 +427,7 @@ fn zero_shot_export_matches_capt_train_zeroshot() {
     )
     .unwrap();
     let want = logits_of(&scorer, &batch);
-    let d = max_diff(&got.logits, &want);
+    let d = max_abs_diff(&got.logits, &want);
     println!("zero-shot export vs capt-train zeroshot: max |dlogit| {d:.3e}");
     assert!(d <= 1e-4);
     assert_eq!(ModelDir::open(&out).unwrap().manifest.method, "zero-shot");

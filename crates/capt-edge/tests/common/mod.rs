@@ -1,6 +1,6 @@
 //! Shared helpers for the capt-edge integration tests: the fixture model, a real server on
 //! a loopback port, and test backends that count or hold batches.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+pub use capt_backend::max_abs_diff;
 use capt_backend::{Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir};
 use capt_backend_tract::{TractBackend, TractOptions};
 use capt_edge::server::{AppState, Server, ServerConfig};
@@ -172,14 +173,6 @@ impl TestServer {
             .unwrap()
             .unwrap();
     }
-}
-
-pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Full probability vector of one result (top_k = all classes), in class order.

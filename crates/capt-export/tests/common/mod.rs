@@ -1,10 +1,11 @@
 //! Shared by the capt-export integration tests: paths, a short training run on the DTD
 //! fixture, tract loading, and the capt-train side of the parity checks.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+pub use capt_backend::max_abs_diff;
 use capt_backend::ModelDir;
 use capt_backend_tract::{TractBackend, TractOptions};
 use capt_core::ImageBatch;
@@ -61,14 +62,6 @@ pub fn tract(dir: &Path) -> TractBackend {
         },
     )
     .unwrap()
-}
-
-pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// capt-train's scorer of checkpoint `ckpt` on `classes` (`None`: the trained classes), as
