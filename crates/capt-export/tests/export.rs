@@ -18,13 +18,15 @@ use capt_graph::HostTensor;
 use capt_train::backbone::{Backbone, BackboneSpec};
 use common::*;
 
-/// A one-epoch CAPT run on the DTD fixture (trained once per test binary).
+/// A one-epoch CAPT run on the DTD fixture (trained once per test binary), its MGDE gains
+/// set to [`ACTIVE_GAINS`] so every parity check below runs all three experts.
 fn trained() -> &'static Path {
     static RUN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &RUN.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("run");
         train(&out, capt_method::Method::Capt, 1);
+        set_gains(&out, ACTIVE_GAINS);
         (tmp, out)
     })
     .1
@@ -82,6 +84,19 @@ fn export_to(out: &Path, opts: &ExportOptions) -> capt_export::ExportSource {
     src
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
 #[test]
 fn classifier_matches_capt_train_eval_in_tract() {
     let tmp = tempfile::tempdir().unwrap();
@@ -98,6 +113,14 @@ fn classifier_matches_capt_train_eval_in_tract() {
         batch.n
     );
     assert!(d <= 1e-4, "tract logits differ from eval by {d}");
+    // The experts act: the same head with its gains at zero gives other logits.
+    let quiet = tmp.path().join("quiet-run");
+    copy_dir(trained(), &quiet);
+    set_gains(&quiet, [0.0; 3]);
+    let base = eval_logits(&quiet, &batch);
+    let moved = max_abs_diff(&want, &base);
+    println!("MGDE gains {ACTIVE_GAINS:?} move the logits by up to {moved:.3e}");
+    assert!(moved > 1e-3, "active experts changed no logit ({moved})");
     // probs are the softmax of the logits.
     let c = got.classes;
     for i in 0..batch.n {
@@ -509,4 +532,73 @@ fn bad_checkpoints_are_named_errors() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("twice"), "{err}");
+}
+
+#[test]
+fn added_classes_keep_the_trained_classes_tables_and_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trained_src = capt_export::from_checkpoint(trained(), None, &Classes::Trained).unwrap();
+    let c = trained_src.class_names.len();
+    // The trained classes plus two new ones, in a file.
+    let list = tmp.path().join("classes.txt");
+    let mut names = trained_src.class_names.clone();
+    names.extend(["zebra stripes".to_string(), "polka dots".to_string()]);
+    std::fs::write(&list, names.join("\n")).unwrap();
+    let extended = eval_scorer(trained(), Some(&names));
+    let plain = eval_scorer(trained(), None);
+    // Trained classes keep their candidates and bank cells.
+    let (pc, ec) = (
+        plain.cache.as_ref().unwrap(),
+        extended.cache.as_ref().unwrap(),
+    );
+    let (kp, ke) = (pc.k, ec.k);
+    for cl in 0..c {
+        assert_eq!(
+            &ec.cand_index[cl * ke..cl * ke + kp],
+            &pc.cand_index[cl * kp..(cl + 1) * kp],
+            "class {cl} lost its trained candidates"
+        );
+    }
+    let cells_p = pc.cells.flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    let cells_e = ec.cells.flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    let per = cells_p.len() / (c * kp);
+    for cl in 0..c {
+        for k in 0..kp {
+            let (a, b) = ((cl * kp + k) * per, (cl * ke + k) * per);
+            assert_eq!(
+                &cells_e[b..b + per],
+                &cells_p[a..a + per],
+                "cells of ({cl}, {k})"
+            );
+        }
+    }
+    assert!(
+        cells_p.iter().any(|&v| v >= 0),
+        "the trained bank has entries to keep"
+    );
+    // Trained-class logits are unchanged for every image whose top-1 stays a trained class
+    // (the head acts on the top class's pairs).
+    let size = trained_src.spec.clip.vision.image_size as u32;
+    let batch = images(size);
+    let want = logits_of(&plain, &batch);
+    let got = logits_of(&extended, &batch);
+    let n2 = names.len();
+    let mut compared = 0;
+    for i in 0..batch.n {
+        let row = &got[i * n2..(i + 1) * n2];
+        let top = argmax_rows(row, n2)[0];
+        if top < c {
+            let d = max_abs_diff(&row[..c], &want[i * c..(i + 1) * c]);
+            assert!(d <= 1e-5, "image {i}: trained-class logits moved by {d}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "no image kept a trained top-1");
+    // The export of that list is what capt-train evaluates.
+    let out = tmp.path().join("extended");
+    let src = capt_export::from_checkpoint(trained(), None, &Classes::File(list)).unwrap();
+    capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
+    let t = tract(&out).classify(&batch).unwrap();
+    let d = max_abs_diff(&t.logits, &got);
+    assert!(d <= 1e-4, "tract vs eval on the extended list: {d}");
 }

@@ -59,6 +59,9 @@ pub struct ConfusionBank {
     /// insertion sequence number, used to evict the oldest entry when the pool is full.
     slot_owner: Vec<Option<(u32, u32)>>,
     slot_seq: Vec<u64>,
+    /// Per pool slot: the training sample (image index) it came from, -1 when unknown.
+    /// Training retrieves leave-one-out: a view never retrieves entries of its own image.
+    slot_sample: Vec<i64>,
     next_seq: u64,
 }
 
@@ -80,6 +83,7 @@ impl ConfusionBank {
             pool_local: Vec::new(),
             slot_owner: Vec::new(),
             slot_seq: Vec::new(),
+            slot_sample: Vec::new(),
             next_seq: 0,
         }
     }
@@ -122,6 +126,10 @@ impl ConfusionBank {
             .map(|c| c.iter().copied().collect())
             .unwrap_or_default()
     }
+    /// Per pool slot, the training sample it was stored for (-1: unknown).
+    pub fn slot_samples(&self) -> &[i64] {
+        &self.slot_sample
+    }
     pub fn global_of(&self, slot: u32) -> &[f32] {
         let s = slot as usize * self.dim;
         &self.pool_global[s..s + self.dim]
@@ -136,13 +144,26 @@ impl ConfusionBank {
     }
 
     /// Records one training view of class `label` with predicted probabilities `probs`,
-    /// its global feature and its (pooled) local tokens.
+    /// its global feature and its (pooled) local tokens (sample unknown).
     pub fn observe(
         &mut self,
         label: usize,
         probs: &[f32],
         global: &[f32],
         local: &[f32],
+    ) -> Result<Observation, BankError> {
+        self.observe_sample(label, probs, global, local, None)
+    }
+
+    /// As [`Self::observe`], recording which training sample the view belongs to, so training
+    /// can retrieve leave-one-out ([`Self::slot_samples`]).
+    pub fn observe_sample(
+        &mut self,
+        label: usize,
+        probs: &[f32],
+        global: &[f32],
+        local: &[f32],
+        sample: Option<usize>,
     ) -> Result<Observation, BankError> {
         let c = self.num_classes;
         if label >= c || probs.len() != c {
@@ -163,13 +184,13 @@ impl ConfusionBank {
         let top = argmax_excluding(probs, None);
         let obs = if top != label {
             self.counts[label * c + top] += 1.0;
-            self.store(label, top, global, local);
+            self.store(label, top, global, local, sample);
             Observation::Miss { predicted: top }
         } else if c > 1 {
             let rival = argmax_excluding(probs, Some(label));
             if probs[label] - probs[rival] < self.delta {
                 self.counts[label * c + rival] += 0.5;
-                self.store(label, rival, global, local);
+                self.store(label, rival, global, local, sample);
                 Observation::NearMiss { rival }
             } else {
                 Observation::Correct
@@ -180,7 +201,7 @@ impl ConfusionBank {
         Ok(obs)
     }
 
-    fn store(&mut self, y: usize, j: usize, global: &[f32], local: &[f32]) {
+    fn store(&mut self, y: usize, j: usize, global: &[f32], local: &[f32], sample: Option<usize>) {
         let key = (y as u32, j as u32);
         let slot = self.take_slot();
         let (d, ld) = (self.dim, self.local_tokens * self.dim);
@@ -189,6 +210,7 @@ impl ConfusionBank {
         self.pool_local[s * ld..(s + 1) * ld].copy_from_slice(local);
         self.slot_owner[s] = Some(key);
         self.slot_seq[s] = self.next_seq;
+        self.slot_sample[s] = sample.map_or(-1, |v| v as i64);
         self.next_seq += 1;
         let cell = self.cells.entry(key).or_default();
         cell.push_back(slot);
@@ -207,6 +229,7 @@ impl ConfusionBank {
         if self.slot_owner.len() < self.pool_size {
             self.slot_owner.push(None);
             self.slot_seq.push(0);
+            self.slot_sample.push(-1);
             self.pool_global
                 .resize(self.slot_owner.len() * self.dim, 0.0);
             self.pool_local
@@ -259,6 +282,23 @@ impl ConfusionBank {
         table
     }
 
+    /// Masks (sets to -1) the entries of a [`Self::cell_table`] whose pool slot was stored for
+    /// one of `samples`: a training view then never retrieves its own image (whose entry has
+    /// cosine 1 and a zero difference, which teaches the adapter nothing).
+    pub fn leave_out(slot_sample: &[i64], table: &mut [i64], samples: &[usize]) {
+        if samples.is_empty() {
+            return;
+        }
+        for v in table.iter_mut() {
+            if *v >= 0 {
+                let owner = slot_sample.get(*v as usize).copied().unwrap_or(-1);
+                if owner >= 0 && samples.contains(&(owner as usize)) {
+                    *v = -1;
+                }
+            }
+        }
+    }
+
     /// Serialises the bank (counts, cells, pool) as safetensors bytes for checkpoints.
     pub fn to_safetensors(&self) -> Vec<u8> {
         let c = self.num_classes;
@@ -303,6 +343,12 @@ impl ConfusionBank {
                 bytes_i64(&cell_rows),
             ),
             ("bank.slots", Dtype::I64, vec![p, 3], bytes_i64(&slots)),
+            (
+                "bank.slot_sample",
+                Dtype::I64,
+                vec![p],
+                bytes_i64(&self.slot_sample),
+            ),
             (
                 "bank.pool_global",
                 Dtype::F32,
@@ -393,6 +439,19 @@ impl ConfusionBank {
                 2 + m
             )));
         }
+        // Banks written before leave-one-out retrieval have no sample ids: unknown (-1).
+        let slot_sample = match st.tensor("bank.slot_sample") {
+            Ok(_) => {
+                let (shape, data) = get("bank.slot_sample", Dtype::I64)?;
+                if shape != [p] {
+                    return Err(corrupt(format!(
+                        "bank.slot_sample has shape {shape:?}, expected [{p}]"
+                    )));
+                }
+                to_i64(&data)
+            }
+            Err(_) => vec![-1; p],
+        };
         let slots = to_i64(&slots);
         let mut slot_owner = Vec::with_capacity(p);
         let mut slot_seq = Vec::with_capacity(p);
@@ -436,6 +495,7 @@ impl ConfusionBank {
             pool_local: to_f32(&pool_local),
             slot_owner,
             slot_seq,
+            slot_sample,
             next_seq: next_seq as u64,
         })
     }
@@ -590,6 +650,28 @@ mod tests {
         assert_eq!(b.global_of(b.cell(1, 0)[0]), &[2.0, 2.0]);
         b.begin_refresh();
         assert_eq!(b.count(0, 2), 0.5);
+    }
+
+    #[test]
+    fn sample_ids_round_trip_and_leave_one_out_masks_own_entries() {
+        let mut b = ConfusionBank::new(2, 1, 1, &cfg(4, 16));
+        b.observe_sample(0, &[0.1, 0.9], &[1.0], &[1.0], Some(7))
+            .unwrap();
+        b.observe_sample(0, &[0.2, 0.8], &[2.0], &[2.0], Some(9))
+            .unwrap();
+        b.observe(0, &[0.3, 0.7], &[3.0], &[3.0]).unwrap();
+        assert_eq!(b.slot_samples(), &[7, 9, -1]);
+        let back = ConfusionBank::from_safetensors(&b.to_safetensors(), "t").unwrap();
+        assert_eq!(back, b);
+        let cands = Candidates {
+            k: 1,
+            index: vec![1, 0],
+            weight: vec![1.0, 1.0],
+        };
+        let mut table = b.cell_table(&cands);
+        assert_eq!(&table[..4], &[0, 1, 2, -1]);
+        ConfusionBank::leave_out(b.slot_samples(), &mut table, &[9, 3]);
+        assert_eq!(&table[..4], &[0, -1, 2, -1]);
     }
 
     #[test]

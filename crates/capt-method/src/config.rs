@@ -26,8 +26,12 @@ pub enum ConfigError {
 pub enum Method {
     /// Hand-crafted prompts, nothing learned.
     ZeroShot,
-    /// Learned context only: no bank, no SEM/SAM/MGDE.
+    /// Learned context only, KgCoOp-style (the configured context, `lambda_kg`): no bank,
+    /// no SEM/SAM/MGDE.
     Coop,
+    /// Plain CoOp (Zhou et al. 2022): 16 random context tokens, no KgCoOp regulariser
+    /// (`prompt.n_ctx = 16`, `ctx_init` none, `lambda_kg = 0` unless configured otherwise).
+    CoopPlain,
     /// The full method.
     Capt,
     /// CAPT without the Semantic Confusion Miner (no semantic experts).
@@ -39,8 +43,9 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Method::ZeroShot,
+        Method::CoopPlain,
         Method::Coop,
         Method::Capt,
         Method::CaptNoSem,
@@ -52,6 +57,7 @@ impl Method {
         match self {
             Method::ZeroShot => "zero-shot",
             Method::Coop => "coop",
+            Method::CoopPlain => "coop-plain",
             Method::Capt => "capt",
             Method::CaptNoSem => "capt-no-sem",
             Method::CaptNoSam => "capt-no-sam",
@@ -74,7 +80,7 @@ impl Method {
 
     /// Whether the run needs the Confusion Bank and the CAPT head at all.
     pub fn uses_bank(self) -> bool {
-        !matches!(self, Method::ZeroShot | Method::Coop)
+        !matches!(self, Method::ZeroShot | Method::Coop | Method::CoopPlain)
     }
     pub fn uses_sem(self) -> bool {
         self.uses_bank() && self != Method::CaptNoSem
@@ -147,6 +153,10 @@ pub struct BankConfig {
     pub views: usize,
     /// Decay of old counts at each refresh (`N <- decay * N + new`).
     pub decay: f32,
+    /// Training retrieves leave-one-out: a view never retrieves the bank entries of its own
+    /// image (those have cosine 1 and a zero difference, so the adapter would learn from
+    /// nothing). Inference is unaffected.
+    pub leave_one_out: bool,
     /// Weight `beta` of the text-similarity prior.
     pub prior_beta: f32,
     /// Temperature of the prior's softmax over text similarities.
@@ -163,6 +173,7 @@ impl Default for BankConfig {
             pool_size: 2048,
             views: 4,
             decay: 0.5,
+            leave_one_out: true,
             prior_beta: 1.0,
             prior_temperature: 0.05,
             local_grid: 4,
@@ -241,13 +252,19 @@ impl Default for MgdeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
     pub lr: f64,
+    /// Learning rate of the CAPT head (adapter, router, gains), on the same schedule;
+    /// `None` = `lr`. Default 0.05 (not the spec's single lr): zero-initialised gains at lr
+    /// 0.002 barely move in a few hundred steps, and the sample expert not at all
+    /// (docs/METHOD.md, "Choices measured here").
+    pub head_lr: Option<f64>,
     pub momentum: f64,
     pub weight_decay: f64,
     pub warmup_epochs: usize,
     pub warmup_lr: f64,
     pub epochs: usize,
     pub batch_size: usize,
-    /// Global L2 gradient-norm clip; `None` disables clipping.
+    /// Global L2 gradient-norm clip; `None` or 0 disables clipping (a TOML file writes
+    /// `grad_clip = 0`).
     pub grad_clip: Option<f64>,
 }
 
@@ -255,6 +272,7 @@ impl Default for OptimConfig {
     fn default() -> Self {
         Self {
             lr: 0.002,
+            head_lr: Some(0.05),
             momentum: 0.9,
             weight_decay: 5e-4,
             warmup_epochs: 1,
@@ -316,6 +334,26 @@ impl Default for CaptConfig {
 }
 
 impl CaptConfig {
+    /// The config a run of `self.method` trains with: `coop-plain` takes CoOp's own prompt
+    /// settings (16 random context tokens, no KgCoOp term) wherever the prompt config is
+    /// still at its defaults; every other method is unchanged.
+    pub fn effective(&self) -> CaptConfig {
+        let mut c = self.clone();
+        if c.method == Method::CoopPlain {
+            let d = PromptConfig::default();
+            if c.prompt.n_ctx == d.n_ctx {
+                c.prompt.n_ctx = 16;
+            }
+            if c.prompt.ctx_init == d.ctx_init {
+                c.prompt.ctx_init = None;
+            }
+            if c.prompt.lambda_kg == d.lambda_kg {
+                c.prompt.lambda_kg = 0.0;
+            }
+        }
+        c
+    }
+
     /// Reads and validates a TOML config file.
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -416,10 +454,15 @@ impl CaptConfig {
         if o.lr.is_nan() || o.lr <= 0.0 || !o.lr.is_finite() {
             return bad(format!("optim.lr ({}) must be a positive number", o.lr));
         }
+        if let Some(h) = o.head_lr {
+            if h.is_nan() || h <= 0.0 || !h.is_finite() {
+                return bad(format!("optim.head_lr ({h}) must be a positive number"));
+            }
+        }
         if let Some(c) = o.grad_clip {
-            if c.is_nan() || c <= 0.0 {
+            if c.is_nan() || c < 0.0 {
                 return bad(format!(
-                    "optim.grad_clip ({c}) must be > 0; omit it to disable"
+                    "optim.grad_clip ({c}) must be >= 0; 0 disables clipping"
                 ));
             }
         }
@@ -485,6 +528,23 @@ mod tests {
         let e = CaptConfig::from_toml_str("[optim]\nlearning_rate = 1.0\n").unwrap_err();
         assert!(e.to_string().contains("learning_rate"), "{e}");
         assert!(Method::parse("nope").is_err());
+    }
+
+    #[test]
+    fn coop_plain_is_coop_with_its_own_prompt_settings() {
+        let mut c = CaptConfig {
+            method: Method::CoopPlain,
+            ..CaptConfig::default()
+        };
+        let e = c.effective();
+        assert_eq!((e.prompt.n_ctx, e.prompt.lambda_kg), (16, 0.0));
+        assert_eq!(e.prompt.ctx_init, None);
+        assert!(!e.method.uses_bank() && e.method.trains());
+        c.prompt.n_ctx = 8;
+        assert_eq!(c.effective().prompt.n_ctx, 8, "an explicit setting wins");
+        let kg = CaptConfig::default();
+        assert_eq!(kg.effective(), kg);
+        assert_eq!(Method::parse("coop-plain").unwrap(), Method::CoopPlain);
     }
 
     #[test]

@@ -50,15 +50,29 @@ pub struct B2nRow {
     pub base: f64,
     pub novel: f64,
     pub hm: f64,
+    /// Correction Rate against zero-shot on the base / novel test classes (percent; `None`
+    /// when zero-shot has no confusable pair there).
+    #[serde(default)]
+    pub cr_base: Option<f64>,
+    #[serde(default)]
+    pub cr_novel: Option<f64>,
 }
 
-/// Seed means of a (dataset, method) and the HM of the means.
+/// Seed means of a (dataset, method) and the HM of the means, with the spread over seeds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct B2nCell {
     pub base: f64,
     pub novel: f64,
     pub hm: f64,
     pub seeds: usize,
+    /// Sample standard deviations over seeds (0 for one seed); `hm_std` is that of the
+    /// per-seed HMs.
+    pub base_std: f64,
+    pub novel_std: f64,
+    pub hm_std: f64,
+    /// Mean Correction Rate against zero-shot over the seeds that have one.
+    pub cr_base: Option<f64>,
+    pub cr_novel: Option<f64>,
 }
 
 pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
@@ -77,6 +91,49 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
         let split_file = split_file.as_deref();
         // Test features of each half, shared by every method without vision prompts.
         let mut memo: BTreeMap<String, SplitFeatures> = BTreeMap::new();
+        let mut features =
+            |scorer: &Scorer, ds: &capt_data::Dataset, key: String| -> Result<SplitFeatures> {
+                if scorer.model.uses_vision_prompts() {
+                    return split_features(&scorer.model, ds, Split::Test);
+                }
+                if !memo.contains_key(&key) {
+                    memo.insert(key.clone(), split_features(&scorer.model, ds, Split::Test)?);
+                }
+                Ok(memo[&key].clone())
+            };
+        // The zero-shot baseline of each half: every cell's Correction Rate is against it.
+        let baseline_dir = args.out.join(kind.name()).join("baseline-zero-shot");
+        std::fs::create_dir_all(&baseline_dir)
+            .map_err(|e| TrainError::io("create output folder", &baseline_dir, e))?;
+        let mut baseline_parts = Vec::new();
+        let mut baseline_name = String::new();
+        for part in [Subsample::Base, Subsample::New] {
+            let ds = load_dataset(kind, &args.root, split_file, 0, args.seeds[0], part)?;
+            baseline_name = ds.name.clone();
+            let template = resolve_template(&args.config.capt, ds.template());
+            let scorer =
+                zero_shot_scorer(backbone.clone(), &args.config, &ds.classnames, &template)?;
+            let sf = features(&scorer, &ds, part.to_string())?;
+            let m = confusion(&scorer, &sf)?;
+            baseline_parts.push(part_report(part, &ds.classnames, m, &baseline_dir, None)?);
+        }
+        let mut baseline = Report {
+            format: REPORT_FORMAT.into(),
+            dataset: baseline_name,
+            split: "test".into(),
+            method: Method::ZeroShot.name().into(),
+            checkpoint: None,
+            backbone: backbone.record.clone(),
+            seed: None,
+            shots: None,
+            parts: baseline_parts,
+            base: None,
+            novel: None,
+            hm: None,
+        };
+        summarise(&mut baseline);
+        write_report(&baseline_dir, &baseline)?;
+        let baseline_path = baseline_dir.join("report.json");
         for &method in &args.methods {
             let mut cfg = args.config.clone();
             cfg.capt.method = method;
@@ -127,21 +184,23 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                             zero_shot_scorer(backbone.clone(), &cfg, &ds.classnames, &template)?
                         }
                     };
-                    let key = part.to_string();
-                    let sf = if scorer.model.uses_vision_prompts() {
-                        split_features(&scorer.model, &ds, Split::Test)?
-                    } else {
-                        if !memo.contains_key(&key) {
-                            memo.insert(
-                                key.clone(),
-                                split_features(&scorer.model, &ds, Split::Test)?,
-                            );
-                        }
-                        memo[&key].clone()
-                    };
+                    let sf = features(&scorer, &ds, part.to_string())?;
                     let m = confusion(&scorer, &sf)?;
-                    parts.push(part_report(part, &ds.classnames, m, &eval_dir, None)?);
+                    parts.push(part_report(
+                        part,
+                        &ds.classnames,
+                        m,
+                        &eval_dir,
+                        Some((&baseline_path, &baseline)),
+                    )?);
                 }
+                let cr = |i: usize| {
+                    parts
+                        .get(i)
+                        .and_then(|p: &crate::evaluate::PartReport| p.baseline.as_ref())
+                        .and_then(|b| b.correction_rate)
+                };
+                let (cr_base, cr_novel) = (cr(0), cr(1));
                 let mut report = Report {
                     format: REPORT_FORMAT.into(),
                     dataset: name.clone(),
@@ -165,6 +224,8 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                     base: report.base.unwrap_or(0.0),
                     novel: report.novel.unwrap_or(0.0),
                     hm: report.hm.unwrap_or(0.0),
+                    cr_base,
+                    cr_novel,
                 };
                 tracing::info!(?row, "base-to-novel result");
                 rows.push(row);
@@ -194,32 +255,57 @@ pub fn split_file_for(kind: DatasetKind, template: Option<&str>) -> Option<PathB
     }
 }
 
+/// Mean and sample standard deviation.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0);
+    (m, var.sqrt())
+}
+
+fn mean_some(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let got: Vec<f64> = v.flatten().collect();
+    (!got.is_empty()).then(|| got.iter().sum::<f64>() / got.len() as f64)
+}
+
 /// Seed means per (dataset, method), datasets in first-seen order.
 pub fn cells(rows: &[B2nRow]) -> (Vec<String>, BTreeMap<(String, String), B2nCell>) {
     let mut datasets: Vec<String> = Vec::new();
-    let mut acc: BTreeMap<(String, String), (f64, f64, usize)> = BTreeMap::new();
+    let mut acc: BTreeMap<(String, String), Vec<&B2nRow>> = BTreeMap::new();
     for r in rows {
         if !datasets.contains(&r.dataset) {
             datasets.push(r.dataset.clone());
         }
-        let e = acc
-            .entry((r.dataset.clone(), r.method.clone()))
-            .or_insert((0.0, 0.0, 0));
-        e.0 += r.base;
-        e.1 += r.novel;
-        e.2 += 1;
+        acc.entry((r.dataset.clone(), r.method.clone()))
+            .or_default()
+            .push(r);
     }
     let cells = acc
         .into_iter()
-        .map(|(k, (b, n, s))| {
-            let (b, n) = (b / s as f64, n / s as f64);
+        .map(|(k, rs)| {
+            let col =
+                |f: fn(&B2nRow) -> f64| mean_std(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            let (b, b_sd) = col(|r| r.base);
+            let (n, n_sd) = col(|r| r.novel);
+            let (_, h_sd) = col(|r| r.hm);
             (
                 k,
                 B2nCell {
                     base: b,
                     novel: n,
                     hm: harmonic_mean(b, n),
-                    seeds: s,
+                    seeds: rs.len(),
+                    base_std: b_sd,
+                    novel_std: n_sd,
+                    hm_std: h_sd,
+                    cr_base: mean_some(rs.iter().map(|r| r.cr_base)),
+                    cr_novel: mean_some(rs.iter().map(|r| r.cr_novel)),
                 },
             )
         })
@@ -227,7 +313,8 @@ pub fn cells(rows: &[B2nRow]) -> (Vec<String>, BTreeMap<(String, String), B2nCel
     (datasets, cells)
 }
 
-/// Average over datasets: mean Base, mean Novel, and the HM of those means.
+/// Average over datasets: mean Base, mean Novel, and the HM of those means (spreads and
+/// Correction Rates averaged over the datasets).
 pub fn average(
     cells: &BTreeMap<(String, String), B2nCell>,
     datasets: &[String],
@@ -241,28 +328,44 @@ pub fn average(
         return None;
     }
     let n = mine.len() as f64;
-    let b = mine.iter().map(|c| c.base).sum::<f64>() / n;
-    let v = mine.iter().map(|c| c.novel).sum::<f64>() / n;
+    let avg = |f: fn(&B2nCell) -> f64| mine.iter().map(|c| f(c)).sum::<f64>() / n;
+    let (b, v) = (avg(|c| c.base), avg(|c| c.novel));
     Some(B2nCell {
         base: b,
         novel: v,
         hm: harmonic_mean(b, v),
         seeds: mine.iter().map(|c| c.seeds).min().unwrap_or(0),
+        base_std: avg(|c| c.base_std),
+        novel_std: avg(|c| c.novel_std),
+        hm_std: avg(|c| c.hm_std),
+        cr_base: mean_some(mine.iter().map(|c| c.cr_base)),
+        cr_novel: mean_some(mine.iter().map(|c| c.cr_novel)),
     })
 }
 
-/// Markdown (Table-1 style: one table per dataset plus the average) and CSV.
+/// Markdown (Table-1 style: one table per dataset plus the average; mean +- std over seeds,
+/// Correction Rate against zero-shot) and CSV.
 pub fn render(rows: &[B2nRow], methods: &[Method]) -> (String, String) {
     let (datasets, cells) = cells(rows);
     let names: Vec<&str> = methods.iter().map(|m| m.name()).collect();
-    let mut md = String::from("# Base-to-novel generalisation\n");
+    let mut md = String::from("# Base-to-novel generalisation\n\nmean +- std over seeds; CR = Correction Rate against zero-shot on the test classes' confusable pairs (zero-shot >= 2 errors), base / novel.\n");
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     let table = |title: &str, get: &dyn Fn(&str) -> Option<B2nCell>| {
-        let mut s = format!("\n## {title}\n\n| method | Base | Novel | HM |\n|---|---|---|---|\n");
+        let mut s = format!(
+            "\n## {title}\n\n| method | Base | Novel | HM | CR base | CR novel |\n|---|---|---|---|---|---|\n"
+        );
         for m in &names {
             if let Some(c) = get(m) {
                 s.push_str(&format!(
-                    "| {m} | {:.2} | {:.2} | {:.2} |\n",
-                    c.base, c.novel, c.hm
+                    "| {m} | {:.2} +- {:.2} | {:.2} +- {:.2} | {:.2} +- {:.2} | {} | {} |\n",
+                    c.base,
+                    c.base_std,
+                    c.novel,
+                    c.novel_std,
+                    c.hm,
+                    c.hm_std,
+                    pct(c.cr_base),
+                    pct(c.cr_novel)
                 ));
             }
         }
@@ -277,29 +380,41 @@ pub fn render(rows: &[B2nRow], methods: &[Method]) -> (String, String) {
             cells.get(&(d.clone(), m.to_string())).cloned()
         }));
     }
-    let mut csv = String::from("dataset,method,seed,base,novel,hm\n");
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+    let mut csv = String::from("dataset,method,seed,base,novel,hm,cr_base,cr_novel\n");
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{:.4},{:.4},{:.4}\n",
-            r.dataset, r.method, r.seed, r.base, r.novel, r.hm
+            "{},{},{},{:.4},{:.4},{:.4},{},{}\n",
+            r.dataset,
+            r.method,
+            r.seed,
+            r.base,
+            r.novel,
+            r.hm,
+            opt(r.cr_base),
+            opt(r.cr_novel)
         ));
     }
+    let mut summary = |d: &str, m: &str, c: &B2nCell| {
+        csv.push_str(&format!(
+            "{d},{m},mean,{:.4},{:.4},{:.4},{},{}\n",
+            c.base,
+            c.novel,
+            c.hm,
+            opt(c.cr_base),
+            opt(c.cr_novel)
+        ));
+    };
     for d in &datasets {
         for m in &names {
             if let Some(c) = cells.get(&(d.clone(), m.to_string())) {
-                csv.push_str(&format!(
-                    "{d},{m},mean,{:.4},{:.4},{:.4}\n",
-                    c.base, c.novel, c.hm
-                ));
+                summary(d, m, c);
             }
         }
     }
     for m in &names {
         if let Some(c) = average(&cells, &datasets, m) {
-            csv.push_str(&format!(
-                "average,{m},mean,{:.4},{:.4},{:.4}\n",
-                c.base, c.novel, c.hm
-            ));
+            summary("average", m, &c);
         }
     }
     (md, csv)
@@ -317,6 +432,8 @@ mod tests {
             base: b,
             novel: n,
             hm: harmonic_mean(b, n),
+            cr_base: Some(b / 2.0),
+            cr_novel: None,
         }
     }
 
@@ -334,7 +451,13 @@ mod tests {
         assert!((avg.base - 72.5).abs() < 1e-12 && (avg.novel - 52.5).abs() < 1e-12);
         assert!((avg.hm - harmonic_mean(72.5, 52.5)).abs() < 1e-12);
         let (md, csv) = render(&rows, &[Method::Coop]);
-        assert!(md.contains("| coop | 72.50 | 52.50 |"), "{md}");
+        // A: seeds 80 / 90 -> std 7.07; CR base (40 + 45) / 2.
+        assert!((a.base_std - 50f64.sqrt()).abs() < 1e-12);
+        assert_eq!((a.cr_base, a.cr_novel), (Some(42.5), None));
+        assert!(
+            md.contains("| coop | 72.50 +- 3.54 | 52.50 +- 3.54 |"),
+            "{md}"
+        );
         assert!(csv.contains("average,coop,mean,72.5000,52.5000"), "{csv}");
     }
 

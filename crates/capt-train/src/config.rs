@@ -29,6 +29,10 @@ pub struct TrainerConfig {
     /// Augmented views cached per training image (0 = `bank.views`). Each epoch every image
     /// uses one of them, drawn from the run's seeded generator.
     pub train_views: usize,
+    /// A fresh random resized crop + flip of every image in every epoch (the frozen image
+    /// encoder runs once per image and epoch, cached like the pool) instead of one draw per
+    /// epoch from a pool of `train_views` views.
+    pub fresh_views: bool,
     /// Images per forward pass in evaluation and bank refreshes.
     pub eval_batch: usize,
     /// Text sequences per forward pass when encoding without gradient (pair tables).
@@ -41,6 +45,7 @@ impl Default for TrainerConfig {
             grad_pairs: 1,
             grad_dif_reverse: false,
             train_views: 0,
+            fresh_views: false,
             eval_batch: 64,
             text_chunk: 256,
         }
@@ -101,6 +106,15 @@ impl RunConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The config a run trains with ([`CaptConfig::effective`]: method-specific prompt
+    /// settings of `coop-plain`).
+    pub fn effective(&self) -> RunConfig {
+        RunConfig {
+            capt: self.capt.effective(),
+            trainer: self.trainer.clone(),
+        }
     }
 
     /// Views cached per training image.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use capt_data::{Dataset, DatasetKind, Split, Subsample};
+use capt_method::head::HeadConfig;
 use capt_method::metrics::{harmonic_mean, write_atomic, ConfusionMatrix};
 use capt_method::{ConfusionBank, Method};
 use serde::{Deserialize, Serialize};
@@ -207,16 +208,44 @@ pub fn scorer_from_checkpoint(
             cache,
         });
     }
-    let class_emb = model.class_embeddings(false)?;
+    let mut class_emb = model.class_embeddings(false)?;
     let cache = match &model.head {
-        Some(_) => {
+        Some(hc) => {
             let bank = ConfusionBank::new(
                 model.num_classes(),
                 model.backbone.dim(),
                 model.local_tokens,
                 &cfg.capt.bank,
             );
-            Some(TableCache::build(&model, &bank)?)
+            let fresh = TableCache::build(&model, &bank)?;
+            // Every trained class in the list (e.g. `--classes all`): they keep the trained
+            // candidates, pair tables and bank cells; the others get the prior and no cells.
+            let trained: Option<Vec<usize>> = state
+                .class_names
+                .iter()
+                .map(|n| classnames.iter().position(|m| m == n))
+                .collect();
+            match trained {
+                Some(trained) => {
+                    let tp = dir.join(checkpoint::TABLES);
+                    let t = read_safetensors(
+                        &checkpoint::read_file(dir, checkpoint::TABLES)?,
+                        &tp,
+                        &model.backbone.device,
+                    )?;
+                    let trained_hc = HeadConfig::from_config(
+                        &cfg.capt,
+                        state.class_names.len(),
+                        hc.dim,
+                        hc.local_tokens,
+                    )?;
+                    let saved = TableCache::from_checkpoint(&t, &trained_hc)?;
+                    let merged = TableCache::with_trained(fresh, &saved, &trained)?;
+                    class_emb = merged.class_emb.clone();
+                    Some(merged)
+                }
+                None => Some(fresh),
+            }
         }
         None => None,
     };

@@ -30,6 +30,9 @@ pub enum TrainImages {
         labels: Vec<usize>,
         /// Views used for training (the cache may hold more for the bank).
         train_views: usize,
+        /// `trainer.fresh_views`: epoch e uses view e of every image (a new random crop
+        /// per image and epoch) instead of a draw from a small pool.
+        fresh: bool,
     },
     Pixels {
         loader: DataLoader,
@@ -67,7 +70,12 @@ impl TrainImages {
             )?;
             return Ok(TrainImages::Pixels { loader, labels });
         }
-        let train_views = model.cfg.train_views();
+        let fresh = model.cfg.trainer.fresh_views;
+        let train_views = if fresh {
+            model.cfg.capt.optim.epochs
+        } else {
+            model.cfg.train_views()
+        };
         let views = train_views.max(if model.head.is_some() {
             model.cfg.capt.bank.views
         } else {
@@ -90,6 +98,7 @@ impl TrainImages {
             feats,
             labels,
             train_views,
+            fresh,
         })
     }
 
@@ -118,8 +127,16 @@ impl TrainImages {
     ) -> Result<Feats> {
         match self {
             TrainImages::Cached {
-                feats, train_views, ..
+                feats,
+                train_views,
+                fresh,
+                ..
             } => {
+                if *fresh {
+                    let v = epoch % *train_views;
+                    let pick: Vec<(usize, usize)> = indices.iter().map(|&i| (i, v)).collect();
+                    return gather(feats, &pick, &model.backbone.device, model.backbone.work);
+                }
                 let mut r = rng::rng(model_seed(model), rng::stream::VIEWS, epoch as u64);
                 // One draw per image of the set (not per batch), so a view depends only on
                 // (seed, epoch, image).
@@ -141,12 +158,13 @@ impl TrainImages {
     }
 
     /// Every training image in each of the bank's `A` views, in chunks of about `chunk`
-    /// rows: `(labels, feats)` per chunk, images in order, views inner.
+    /// rows: `(samples, labels, feats)` per chunk (image index and label of each row),
+    /// images in order, views inner.
     pub fn bank_views(
         &self,
         model: &Model,
         chunk: usize,
-        mut f: impl FnMut(&[usize], &Feats) -> Result<()>,
+        mut f: impl FnMut(&[usize], &[usize], &Feats) -> Result<()>,
     ) -> Result<()> {
         let a = model.cfg.capt.bank.views;
         let n = self.len();
@@ -157,10 +175,12 @@ impl TrainImages {
             let end = (start + per).min(n);
             let mut rows = Vec::new();
             let mut lab = Vec::new();
+            let mut samples = Vec::new();
             for (i, &y) in labels.iter().enumerate().take(end).skip(start) {
                 for v in 0..a {
                     rows.push((i, v));
                     lab.push(y);
+                    samples.push(i);
                 }
             }
             let feats = match self {
@@ -195,7 +215,7 @@ impl TrainImages {
                     }
                 }
             };
-            f(&lab, &feats)?;
+            f(&samples, &lab, &feats)?;
             start = end;
         }
         Ok(())

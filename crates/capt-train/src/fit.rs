@@ -104,6 +104,29 @@ pub fn load_dataset(
         ..LoadOptions::new(kind, root)
     };
     let ds = Dataset::load_with(&opts)?;
+    // A label no split row names would become a class without a single image (named
+    // `class_<i>`) that the model could still predict: refuse it here, where it is used.
+    let mut seen = vec![false; ds.classnames.len()];
+    for d in ds.train().iter().chain(ds.val()).chain(ds.test()) {
+        if let Some(s) = seen.get_mut(d.label) {
+            *s = true;
+        }
+    }
+    let empty: Vec<String> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !**s)
+        .map(|(l, _)| l.to_string())
+        .collect();
+    if !empty.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{}: labels {} have no images in any split ({} classes); add their images or renumber \
+             the labels of the split file so every class has some (`capt-train data check` lists them)",
+            ds.name,
+            empty.join(", "),
+            ds.classnames.len()
+        )));
+    }
     let mut p = Protocol::new(shots, seed as i64, subsample);
     p.cache = FewShotCache::Off;
     let (ds, _) = ds.with_protocol(&p)?;
@@ -111,7 +134,8 @@ pub fn load_dataset(
 }
 
 pub fn fit(args: &FitArgs) -> Result<FitSummary> {
-    let cfg = &args.config;
+    let run_cfg = args.config.effective();
+    let cfg = &run_cfg;
     cfg.validate()?;
     let c = &cfg.capt;
     if !c.method.trains() {
@@ -168,7 +192,8 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
         grid * grid,
         args.seed,
     )?;
-    let mut sgd = Sgd::new(c.optim.momentum, c.optim.weight_decay, c.optim.grad_clip);
+    let mut sgd = Sgd::new(c.optim.momentum, c.optim.weight_decay, c.optim.grad_clip)
+        .with_head_lr_scale(c.optim.head_lr.map_or(1.0, |h| h / c.optim.lr));
     let mut bank = model.head.as_ref().map(|_| {
         ConfusionBank::new(
             model.num_classes(),
@@ -182,7 +207,7 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
     let mut cache: Option<TableCache> = None;
     if let Some(dir) = &resume_from {
         let state = checkpoint::read_state(dir)?;
-        check_resumable(&state, &model, args, &ds, dir)?;
+        check_resumable(&state, &model, args, cfg, &ds, dir)?;
         restore(&mut model, &mut sgd, &mut bank, &mut cache, dir)?;
         start_epoch = state.epoch;
         step = state.step;
@@ -245,7 +270,7 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
             let feats = images.batch(&model, idx, epoch, true)?;
             let labels: Vec<u32> = idx.iter().map(|&i| images.labels()[i] as u32).collect();
             let label_t = Tensor::from_vec(labels.clone(), labels.len(), &model.backbone.device)?;
-            let outp = model.train_forward(&feats, &label_t, cache.as_ref())?;
+            let outp = model.train_forward_samples(&feats, &label_t, cache.as_ref(), idx)?;
             let loss = outp.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss.is_finite() {
                 bar.abandon();
@@ -401,27 +426,31 @@ pub fn refresh_bank(
         near_misses: 0,
         views: 0,
     };
-    images.bank_views(model, model.cfg.trainer.eval_batch, |labels, feats| {
-        let logits = model.predict(feats, &class_emb, Some(cache))?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
-        let g = feats.global.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let (n, gt, d) = feats.local.dims3()?;
-        let l = feats
-            .local
-            .reshape((n, gt * d))?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-        for (i, &y) in labels.iter().enumerate() {
-            match bank.observe(y, &probs[i], &g[i], &l[i])? {
-                capt_method::Observation::Miss { .. } => st.misses += 1,
-                capt_method::Observation::NearMiss { .. } => st.near_misses += 1,
-                capt_method::Observation::Correct => {}
+    images.bank_views(
+        model,
+        model.cfg.trainer.eval_batch,
+        |samples, labels, feats| {
+            let logits = model.predict(feats, &class_emb, Some(cache))?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?
+                .to_vec2::<f32>()?;
+            let g = feats.global.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let (n, gt, d) = feats.local.dims3()?;
+            let l = feats
+                .local
+                .reshape((n, gt * d))?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (i, &y) in labels.iter().enumerate() {
+                match bank.observe_sample(y, &probs[i], &g[i], &l[i], Some(samples[i]))? {
+                    capt_method::Observation::Miss { .. } => st.misses += 1,
+                    capt_method::Observation::NearMiss { .. } => st.near_misses += 1,
+                    capt_method::Observation::Correct => {}
+                }
+                st.views += 1;
             }
-            st.views += 1;
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     st.counts = bank.counts().iter().map(|&v| v as f64).sum();
     st.pool = bank.pool_len();
     Ok(st)
@@ -479,6 +508,7 @@ fn check_resumable(
     state: &State,
     model: &Model,
     args: &FitArgs,
+    cfg: &RunConfig,
     ds: &Dataset,
     dir: &Path,
 ) -> Result<()> {
@@ -489,7 +519,7 @@ fn check_resumable(
             format!("was trained with {what} {was}, this run has {now}; resume with the same settings or choose another --out"),
         )
     };
-    if state.config != args.config.capt || state.trainer != args.config.trainer {
+    if state.config != cfg.capt || state.trainer != cfg.trainer {
         return Err(mismatch(
             "a different config",
             "(see its state.json)".into(),

@@ -52,15 +52,20 @@ struct ConfigArgs {
     /// [data]) plus [trainer]; every key optional (spec defaults).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// zero-shot, coop, capt, capt-no-sem, capt-no-sam, capt-no-routing.
+    /// zero-shot, coop-plain (CoOp: 16 random context tokens, no KgCoOp term), coop
+    /// (KgCoOp-style), capt, capt-no-sem, capt-no-sam, capt-no-routing.
     #[arg(long, value_parser = parse_method)]
     method: Option<Method>,
     #[arg(long)]
     shots: Option<usize>,
     #[arg(long)]
     epochs: Option<usize>,
+    /// Learning rate (optim.lr) of the prompts; cosine schedule after the warm-up epoch.
     #[arg(long)]
     lr: Option<f64>,
+    /// Learning rate of the CAPT head: adapter, router, expert gains (optim.head_lr).
+    #[arg(long)]
+    head_lr: Option<f64>,
     #[arg(long)]
     batch_size: Option<usize>,
     /// Pairs re-encoded with gradient per step (trainer.grad_pairs; 0 = all the batch uses).
@@ -89,6 +94,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.lr {
             cfg.capt.optim.lr = v;
+        }
+        if let Some(v) = self.head_lr {
+            cfg.capt.optim.head_lr = Some(v);
         }
         if let Some(v) = self.batch_size {
             cfg.capt.optim.batch_size = v;

@@ -311,6 +311,19 @@ impl Model {
         labels: &Tensor,
         cache: Option<&TableCache>,
     ) -> Result<TrainOutput> {
+        self.train_forward_samples(feats, labels, cache, &[])
+    }
+
+    /// As [`Self::train_forward`] for the training images `samples` (their indices): with
+    /// `bank.leave_one_out` the Sample Confusion Miner does not retrieve their own bank
+    /// entries.
+    pub fn train_forward_samples(
+        &self,
+        feats: &Feats,
+        labels: &Tensor,
+        cache: Option<&TableCache>,
+        samples: &[usize],
+    ) -> Result<TrainOutput> {
         let c = &self.cfg.capt;
         let scalar =
             |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
@@ -355,7 +368,10 @@ impl Model {
                 };
                 let (class_emb, fresh_com, fresh_dif) = self.step_text(&step)?;
                 let kg = self.kg_loss(&class_emb)?;
-                let tables = cache.spliced_tables(hc, &step, &fresh_com, &fresh_dif)?;
+                let mut tables = cache.spliced_tables(hc, &step, &fresh_com, &fresh_dif)?;
+                if hc.use_sam && c.bank.leave_one_out {
+                    tables.cells = cache.cells_without(samples)?;
+                }
                 let out = self.run_head(feats, &class_emb, &tables)?;
                 let ce = candle_nn::loss::cross_entropy(&out.logits, labels)?;
                 let ce_base = candle_nn::loss::cross_entropy(&out.base_logits, labels)?;

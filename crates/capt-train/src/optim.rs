@@ -12,11 +12,17 @@ use candle_core::{DType, Tensor};
 use crate::error::{Result, TrainError};
 use crate::params::{read_safetensors, tensors_to_safetensors, ParamStore};
 
+/// Parameter-name prefix of the CAPT head (its own lr group).
+const HEAD_PREFIX: &str = "capt.";
+
 #[derive(Debug, Clone)]
 pub struct Sgd {
     pub momentum: f64,
     pub weight_decay: f64,
     pub grad_clip: Option<f64>,
+    /// Learning-rate multiplier of the CAPT head's parameters (`capt.*`: adapter, router,
+    /// gains), `optim.head_lr / optim.lr`; 1 = one group.
+    pub head_lr_scale: f64,
     /// Momentum buffers by parameter name.
     buffers: BTreeMap<String, Tensor>,
 }
@@ -36,8 +42,15 @@ impl Sgd {
             momentum,
             weight_decay,
             grad_clip,
+            head_lr_scale: 1.0,
             buffers: BTreeMap::new(),
         }
+    }
+
+    /// The head's parameters (`capt.*`) train at `scale` times the schedule's lr.
+    pub fn with_head_lr_scale(mut self, scale: f64) -> Self {
+        self.head_lr_scale = scale;
+        self
     }
 
     /// One update of every parameter of `params` that has a gradient in `grads`.
@@ -58,8 +71,8 @@ impl Sgd {
         }
         let grad_norm = sq.sqrt();
         let scale = match self.grad_clip {
-            Some(c) => (c / (grad_norm + 1e-6)).min(1.0),
-            None => 1.0,
+            Some(c) if c > 0.0 => (c / (grad_norm + 1e-6)).min(1.0),
+            _ => 1.0,
         };
         for (name, var, g) in &with_grad {
             let g = if scale < 1.0 { (g * scale)? } else { g.clone() };
@@ -72,6 +85,11 @@ impl Sgd {
             let v = match self.buffers.get(*name) {
                 Some(buf) if self.momentum != 0.0 => ((buf * self.momentum)? + d)?,
                 _ => d,
+            };
+            let lr = if name.starts_with(HEAD_PREFIX) {
+                lr * self.head_lr_scale
+            } else {
+                lr
             };
             var.set(&(p - (&v * lr)?)?)?;
             if self.momentum != 0.0 {

@@ -104,6 +104,9 @@ pub struct TableCache {
     pub pool_local: Tensor,
     /// I64 `[C, K, 2, M]`.
     pub cells: Tensor,
+    /// Per pool slot, the training sample it came from (-1 unknown; empty when restored
+    /// from a checkpoint): leave-one-out retrieval in training.
+    pub slot_sample: Vec<i64>,
 }
 
 impl TableCache {
@@ -221,7 +224,20 @@ impl TableCache {
             pool_global,
             pool_local,
             cells,
+            slot_sample: bank.slot_samples().to_vec(),
         })
+    }
+
+    /// The cell table with every entry stored for one of `samples` masked out (-1): what a
+    /// training batch of those samples retrieves from (`bank.leave_one_out`).
+    pub fn cells_without(&self, samples: &[usize]) -> Result<Tensor> {
+        if samples.is_empty() || self.slot_sample.is_empty() {
+            return Ok(self.cells.clone());
+        }
+        let dims = self.cells.dims().to_vec();
+        let mut table = self.cells.flatten_all()?.to_vec1::<i64>()?;
+        ConfusionBank::leave_out(&self.slot_sample, &mut table, samples);
+        Ok(Tensor::from_vec(table, dims, self.cells.device())?)
     }
 
     fn cand_tensors(&self, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
@@ -373,6 +389,109 @@ impl TableCache {
             pool_global: get("pool_global")?,
             pool_local: get("pool_local")?,
             cells: get("cells")?,
+            slot_sample: Vec::new(),
+        })
+    }
+}
+
+impl TableCache {
+    /// Tables for a class list that contains the trained classes (`trained[i]` = position of
+    /// trained class i in the new list): trained classes keep their saved candidates, weights,
+    /// `t_com` / `t_dif` rows and bank cells, so their logits do not move; the other classes
+    /// take `fresh` (text prior over the whole list, empty cells). When the new list allows
+    /// more candidates than were trained, a trained class's extra slots take fresh candidates
+    /// at weight 0 (never chosen over a real one).
+    pub fn with_trained(fresh: TableCache, saved: &TableCache, trained: &[usize]) -> Result<Self> {
+        let (c, k, ks) = (fresh.num_classes, fresh.k, saved.k);
+        if trained.len() != saved.num_classes || ks > k || trained.iter().any(|&p| p >= c) {
+            return Err(TrainError::Config(format!(
+                "cannot place {} trained classes ({ks} candidates) into {c} classes ({k} candidates)",
+                saved.num_classes
+            )));
+        }
+        let dev = fresh.t_com.device().clone();
+        let m2 = {
+            let d = saved.cells.dims();
+            d[2] * d[3]
+        };
+        let mut cand_index = fresh.cand_index.clone();
+        let mut cand_weight = fresh.cand_weight.clone();
+        // Source row of every (class, slot): Some(saved row) or None (fresh row).
+        let mut from_saved: Vec<Option<usize>> = vec![None; c * k];
+        for (old, &new) in trained.iter().enumerate() {
+            let saved_cands: Vec<u32> = saved.cand_index[old * ks..(old + 1) * ks]
+                .iter()
+                .map(|&j| trained[j as usize] as u32)
+                .collect();
+            let extra: Vec<u32> = fresh.cand_index[new * k..(new + 1) * k]
+                .iter()
+                .copied()
+                .filter(|j| !saved_cands.contains(j))
+                .collect();
+            for slot in 0..k {
+                let r = new * k + slot;
+                if slot < ks {
+                    cand_index[r] = saved_cands[slot];
+                    cand_weight[r] = saved.cand_weight[old * ks + slot];
+                    from_saved[r] = Some(old * ks + slot);
+                } else {
+                    cand_index[r] = extra[slot - ks];
+                    cand_weight[r] = 0.0;
+                }
+            }
+        }
+        let pick = |fresh_t: &Tensor, saved_t: &Tensor| -> Result<Tensor> {
+            let n_fresh = fresh_t.dim(0)?;
+            let idx: Vec<u32> = (0..c * k)
+                .map(|r| match from_saved[r] {
+                    Some(s) => (n_fresh + s) as u32,
+                    None => r as u32,
+                })
+                .collect();
+            let all = Tensor::cat(&[fresh_t, saved_t], 0)?;
+            Ok(all.index_select(&Tensor::from_vec(idx, c * k, &dev)?, 0)?)
+        };
+        let t_com = pick(&fresh.t_com, &saved.t_com)?;
+        let t_dif = pick(&fresh.t_dif, &saved.t_dif)?;
+        let t_dif_rev = pick(&fresh.t_dif_rev, &saved.t_dif_rev)?;
+        // Cells point into the saved pool; fresh classes have none (-1).
+        let saved_cells = saved.cells.flatten_all()?.to_vec1::<i64>()?;
+        let mut cells = vec![-1i64; c * k * m2];
+        for (r, src) in from_saved.iter().enumerate() {
+            if let Some(s) = src {
+                cells[r * m2..(r + 1) * m2].copy_from_slice(&saved_cells[s * m2..(s + 1) * m2]);
+            }
+        }
+        let d = saved.cells.dims();
+        let cells = Tensor::from_vec(cells, (c, k, d[2], d[3]), &dev)?;
+        let mut dif_at: HashMap<(usize, usize), (Vec<usize>, Vec<usize>)> = HashMap::new();
+        for (r, &j) in cand_index.iter().enumerate() {
+            let (a, b) = (r / k, j as usize);
+            dif_at.entry((a, b)).or_default().0.push(r);
+            dif_at.entry((b, a)).or_default().1.push(r);
+        }
+        // Class embeddings: the trained classes' saved rows.
+        let n_fresh = fresh.class_emb.dim(0)?;
+        let mut emb_idx: Vec<u32> = (0..c as u32).collect();
+        for (old, &new) in trained.iter().enumerate() {
+            emb_idx[new] = (n_fresh + old) as u32;
+        }
+        let class_emb = Tensor::cat(&[&fresh.class_emb, &saved.class_emb], 0)?
+            .index_select(&Tensor::from_vec(emb_idx, c, &dev)?, 0)?;
+        Ok(Self {
+            class_emb,
+            num_classes: c,
+            k,
+            cand_index,
+            cand_weight,
+            t_com,
+            t_dif,
+            t_dif_rev,
+            dif_at,
+            pool_global: saved.pool_global.clone(),
+            pool_local: saved.pool_local.clone(),
+            cells,
+            slot_sample: Vec::new(),
         })
     }
 }

@@ -162,3 +162,31 @@ fn missing_checkpoint_and_bad_subsample_are_clear_errors() {
         r.stderr
     );
 }
+
+#[test]
+fn classes_without_images_are_refused_by_name() {
+    // The EuroSAT fixture's split names labels 0, 7 and 8 only: labels 1-6 have no image.
+    let dir = tempfile::tempdir().unwrap();
+    let root = data_root().display().to_string();
+    let out = dir.path().join("out");
+    for cmd in [&["fit", "--method", "coop"][..], &["zeroshot"][..]] {
+        let mut args = cmd.to_vec();
+        args.extend([
+            "--dataset",
+            "eurosat",
+            "--root",
+            &root,
+            "--backbone",
+            "tiny",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let r = capt_train(&args);
+        assert_ne!(r.code, 0, "{cmd:?} accepted empty classes");
+        assert!(
+            r.stderr.contains("labels 1, 2, 3, 4, 5, 6 have no images"),
+            "{cmd:?}: {}",
+            r.stderr
+        );
+    }
+}

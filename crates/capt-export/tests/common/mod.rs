@@ -51,6 +51,29 @@ pub fn train(out: &Path, method: capt_method::Method, seed: u64) {
     capt_train::fit::fit(&args).unwrap();
 }
 
+/// The MGDE gains every parity check runs with: all three experts clearly active (a one-epoch
+/// run on the tiny CLIP leaves them near their zero initialisation, where an expert's path
+/// could be wrong without any logit showing it).
+pub const ACTIVE_GAINS: [f32; 3] = [0.6, -0.4, 0.5];
+
+/// Writes `gains` into the checkpoint of run `out` (`capt.mgde.gains` in learned.safetensors).
+pub fn set_gains(out: &Path, gains: [f32; 3]) {
+    let dir = capt_train::checkpoint::resolve(out).unwrap();
+    let path = dir.join(capt_train::checkpoint::LEARNED);
+    let bytes = std::fs::read(&path).unwrap();
+    let mut t = capt_train::params::read_safetensors(&bytes, &path, &Device::Cpu).unwrap();
+    let g = t
+        .get_mut(capt_method::head::GAINS)
+        .expect("a CAPT checkpoint has gains");
+    *g = Tensor::from_slice(&gains, g.dims(), &Device::Cpu).unwrap();
+    let list: Vec<(String, Tensor)> = t.into_iter().collect();
+    std::fs::write(
+        &path,
+        capt_train::params::tensors_to_safetensors(&list, None).unwrap(),
+    )
+    .unwrap();
+}
+
 /// The exported classifier of `dir` on tract (one thread).
 pub fn tract(dir: &Path) -> TractBackend {
     let md = ModelDir::open(dir).unwrap();
