@@ -120,10 +120,14 @@ fn every_expert_acts_and_the_ablations_predict_differently() {
             );
         }
     }
-    // CAPT lowers its loss.
+    // CAPT lowers its loss (on the config's fixed pool of views).
     let capt = tmp.path().join("capt");
     let l = losses(&capt);
-    assert!(l.last().unwrap() < &l[0], "CAPT loss did not drop: {l:?}");
+    let n = l.len();
+    assert!(
+        (l[n - 1] + l[n - 2]) / 2.0 < l[0],
+        "CAPT loss did not drop: {l:?}"
+    );
     // Every expert's gain grew from 0 to where it moves logits, the sample expert's of the
     // same order as the semantic ones.
     let g = gains(&capt);
