@@ -584,7 +584,10 @@ fn restore(
             &tp,
             &model.backbone.device,
         )?;
-        *cache = Some(TableCache::from_checkpoint(&t, hc)?);
+        let mut restored = TableCache::from_checkpoint(&t, hc)?;
+        // The cells point into the restored bank's pool: leave-one-out needs its sample ids.
+        restored.slot_sample = b.slot_samples().to_vec();
+        *cache = Some(restored);
     }
     Ok(())
 }
