@@ -187,13 +187,17 @@ pub fn scorer_from_checkpoint(
     model
         .params
         .load_safetensors(&checkpoint::read_file(dir, checkpoint::LEARNED)?, &lp)?;
-    if same {
+    let read_tables = || {
         let tp = dir.join(checkpoint::TABLES);
-        let t = read_safetensors(
+        read_safetensors(
             &checkpoint::read_file(dir, checkpoint::TABLES)?,
             &tp,
             &model.backbone.device,
-        )?;
+        )
+    };
+    if same {
+        let tp = dir.join(checkpoint::TABLES);
+        let t = read_tables()?;
         let class_emb = t
             .get("class_emb")
             .cloned()
@@ -227,12 +231,7 @@ pub fn scorer_from_checkpoint(
                 .collect();
             match trained {
                 Some(trained) => {
-                    let tp = dir.join(checkpoint::TABLES);
-                    let t = read_safetensors(
-                        &checkpoint::read_file(dir, checkpoint::TABLES)?,
-                        &tp,
-                        &model.backbone.device,
-                    )?;
+                    let t = read_tables()?;
                     let trained_hc = HeadConfig::from_config(
                         &cfg.capt,
                         state.class_names.len(),

@@ -370,12 +370,7 @@ impl TableCache {
         let cand_weight = get("cand_weight")?.flatten_all()?.to_vec1::<f32>()?;
         let flat = |n: &str| -> Result<Tensor> { Ok(get(n)?.reshape((c * k, hc.dim))?) };
         let (t_com, t_dif, t_dif_rev) = (flat("t_com")?, flat("t_dif")?, flat("t_dif_rev")?);
-        let mut dif_at: HashMap<(usize, usize), (Vec<usize>, Vec<usize>)> = HashMap::new();
-        for (r, &j) in cand_index.iter().enumerate() {
-            let (a, b) = (r / k, j as usize);
-            dif_at.entry((a, b)).or_default().0.push(r);
-            dif_at.entry((b, a)).or_default().1.push(r);
-        }
+        let dif_at = dif_rows(&cand_index, k);
         Ok(Self {
             class_emb: get("class_emb")?,
             num_classes: c,
@@ -464,12 +459,7 @@ impl TableCache {
         }
         let d = saved.cells.dims();
         let cells = Tensor::from_vec(cells, (c, k, d[2], d[3]), &dev)?;
-        let mut dif_at: HashMap<(usize, usize), (Vec<usize>, Vec<usize>)> = HashMap::new();
-        for (r, &j) in cand_index.iter().enumerate() {
-            let (a, b) = (r / k, j as usize);
-            dif_at.entry((a, b)).or_default().0.push(r);
-            dif_at.entry((b, a)).or_default().1.push(r);
-        }
+        let dif_at = dif_rows(&cand_index, k);
         // Class embeddings: the trained classes' saved rows.
         let n_fresh = fresh.class_emb.dim(0)?;
         let mut emb_idx: Vec<u32> = (0..c as u32).collect();
@@ -494,6 +484,18 @@ impl TableCache {
             slot_sample: Vec::new(),
         })
     }
+}
+
+/// Where each ordered pair's `t_dif` sits: rows of `t_dif` holding `t_dif(a, b)` (row (a, b))
+/// and rows of `t_dif_rev` holding it (row (b, a)), for the `[C * K]` candidate table.
+fn dif_rows(cand_index: &[u32], k: usize) -> HashMap<(usize, usize), (Vec<usize>, Vec<usize>)> {
+    let mut dif_at: HashMap<(usize, usize), (Vec<usize>, Vec<usize>)> = HashMap::new();
+    for (r, &j) in cand_index.iter().enumerate() {
+        let (a, b) = (r / k, j as usize);
+        dif_at.entry((a, b)).or_default().0.push(r);
+        dif_at.entry((b, a)).or_default().1.push(r);
+    }
+    dif_at
 }
 
 /// Rows for `pairs`: taken from `sources[i][row]` where `find` knows them, the rest encoded.
