@@ -34,6 +34,21 @@ cargo fmt --all --check
 # Lint (clippy -D warnings) is `bash tools/lint.sh`; the test gate runs the suite.
 cargo test --workspace "$@"
 
+# The CUDA trainer compiled and linked (tools/build-cuda.sh): CUDA 13.0 toolkit wheels from PyPI
+# into .venv-cuda (~1.2 GB), a libcuda link stub, `cargo build --release -p capt-train --features
+# cuda` in target/cuda, then the binary's CPU path and its no-driver error are checked. No GPU is
+# needed or used (tools/gpu-check.sh is the GPU check). CAPT_CUDA_BUILD=0 skips it; where PyPI
+# cannot be reached it is skipped with a notice; any other failure fails this command.
+if [ "${CAPT_CUDA_BUILD:-1}" != 0 ]; then
+  rc=0
+  bash tools/build-cuda.sh || rc=$?
+  if [ "$rc" = 3 ]; then
+    echo "notice: PyPI not reachable: the CUDA build was not checked"
+  elif [ "$rc" != 0 ]; then
+    exit "$rc"
+  fi
+fi
+
 # The edge runtime cross-compiled for aarch64 (Jetson / ARM boxes), its tests under qemu-user
 # (tools/test-aarch64.sh, tests only here; the release binary is built by the script when run
 # by hand). On by default, CI included: cold 20 min on 2 cores while another build shared them

@@ -495,15 +495,71 @@ pub fn parse_device(s: &str) -> Result<Device> {
     cuda_device(ordinal, s)
 }
 
+/// CUDA version of the toolkit this binary was built with (`CUDARC_CUDA_VERSION`, e.g.
+/// `13000`, as tools/cuda-env.sh sets it), as `(major, minor)`.
+#[cfg(feature = "cuda")]
+fn built_cuda_version() -> Option<(i32, i32)> {
+    let v: i32 = option_env!("CUDARC_CUDA_VERSION")?.parse().ok()?;
+    Some((v / 1000, (v % 1000) / 10))
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize, s: &str) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|e| TrainError::Config(format!("--device {s}: {e}")))
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    // The driver is asked first so that a stub library, a machine without a GPU or a driver
+    // older than the toolkit gets one line naming the library and the versions, not the first
+    // kernel launch's error. (The `DriverError` code is printed by name: its Display asks the
+    // driver for a string, which a stub cannot give.)
+    if let Err(e) = result::init() {
+        let why = match e.0 {
+            sys::CUresult::CUDA_ERROR_STUB_LIBRARY => {
+                "the libcuda.so.1 found is NVIDIA's link stub, not a driver: put the driver's \
+                 library first on LD_LIBRARY_PATH (or run on a machine with the NVIDIA driver)"
+                    .to_string()
+            }
+            sys::CUresult::CUDA_ERROR_NO_DEVICE => "no CUDA GPU is visible (nvidia-smi lists \
+                 none, or CUDA_VISIBLE_DEVICES hides them)"
+                .to_string(),
+            code => format!("cuInit failed with {code:?}"),
+        };
+        return Err(TrainError::Config(format!(
+            "--device {s}: NVIDIA driver (libcuda.so.1): {why}"
+        )));
+    }
+    let mut v = 0i32;
+    // SAFETY: cuDriverGetVersion writes one int through the pointer it is given.
+    let code = unsafe { sys::cuDriverGetVersion(&mut v) };
+    if code != sys::CUresult::CUDA_SUCCESS {
+        return Err(TrainError::Config(format!(
+            "--device {s}: NVIDIA driver (libcuda.so.1): cuDriverGetVersion failed with {code:?}"
+        )));
+    }
+    let driver = (v / 1000, (v % 1000) / 10);
+    if let Some(built) = built_cuda_version() {
+        if driver < built {
+            return Err(TrainError::Config(format!(
+                "--device {s}: NVIDIA driver (libcuda.so.1) supports CUDA {}.{}, but this \
+                 capt-train was built with CUDA {}.{} and the driver cannot load its kernels: \
+                 update the driver, or rebuild with an older toolkit (CAPT_CUDA=12.8 bash \
+                 tools/build-cuda.sh; see tools/cuda-env.sh)",
+                driver.0, driver.1, built.0, built.1
+            )));
+        }
+    }
+    Device::new_cuda(ordinal).map_err(|e| {
+        TrainError::Config(format!(
+            "--device {s}: cannot open GPU {ordinal} (driver CUDA {}.{}): {e}",
+            driver.0, driver.1
+        ))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_ordinal: usize, s: &str) -> Result<Device> {
     Err(TrainError::Config(format!(
-        "--device {s}: this capt-train was built without CUDA; rebuild with `cargo build --release -p capt-train --features cuda` on a machine with the CUDA toolkit"
+        "--device {s}: this capt-train was built without CUDA; build the CUDA one with \
+         `bash tools/build-cuda.sh` (toolkit from PyPI, no GPU needed to build) or \
+         `cargo build --release -p capt-train --features cuda` where a CUDA toolkit is installed"
     )))
 }
 
@@ -534,7 +590,10 @@ mod tests {
         #[cfg(not(feature = "cuda"))]
         for ok in ["cuda", "cuda:1"] {
             let e = parse_device(ok).unwrap_err().to_string();
-            assert!(e.contains("--features cuda"), "{ok}: {e}");
+            assert!(
+                e.contains("--features cuda") && e.contains("tools/build-cuda.sh"),
+                "{ok}: {e}"
+            );
         }
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert!(parse_dtype("f64").is_err());

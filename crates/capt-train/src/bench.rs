@@ -2,7 +2,11 @@
 //! at ViT-B/16 size (random weights, text tower only; cached random image features) for a
 //! few class counts, and the CAPT/CoOp ratio. Each configuration runs in its own child
 //! process so its peak RSS (`VmHWM`) is its own. `tools/ref_train_step.py` measures the same
-//! CoOp step in PyTorch eager for comparison.
+//! CoOp step in PyTorch eager for comparison, on the same device.
+//!
+//! `capt-train bench forward`: the CLIP towers on `--device`/`--dtype` against the CPU f32
+//! reference on the same inputs (max deviation of the normalised features), and the image
+//! encoder's throughput there (tools/gpu-check.sh runs both on a GPU).
 
 use std::process::Command;
 use std::time::Instant;
@@ -32,8 +36,12 @@ pub struct BenchArgs {
     /// Python interpreter for `tools/ref_train_step.py` (PyTorch eager CoOp reference).
     pub torch_python: Option<String>,
     pub torch_script: String,
-    /// Arguments forwarded to the child processes (config file, overrides).
+    /// Arguments forwarded to the child processes (config file, overrides, device).
     pub forward: Vec<String>,
+    /// Where the steps run (GPU steps are timed after a device synchronisation).
+    pub device: Device,
+    /// Backbone weight dtype (learned tensors stay F32).
+    pub dtype: DType,
 }
 
 /// One measured configuration.
@@ -91,6 +99,7 @@ fn class_names(n: usize) -> Vec<String> {
 
 /// One model under measurement.
 struct Runner {
+    device: Device,
     model: Model,
     cache: Option<TableCache>,
     sgd: Sgd,
@@ -107,6 +116,8 @@ impl Runner {
             .train_forward(feats, labels, self.cache.as_ref())?;
         let grads = out.loss.backward()?;
         self.sgd.step(&self.model.params, &grads, 0.002)?;
+        // GPU kernels run asynchronously: the step ends when the device is done.
+        self.device.synchronize()?;
         if timed {
             self.times.push(t0.elapsed().as_secs_f64() * 1000.0);
             self.cpu.push(cpu_ms() - c0);
@@ -140,10 +151,12 @@ pub fn measure_pair(
     cfg: &RunConfig,
     classes: usize,
     steps: usize,
+    dev: &Device,
+    dtype: DType,
 ) -> Result<Vec<BenchResult>> {
     let clip = bench_config(size)?;
-    let dev = Device::Cpu;
-    let backbone = Backbone::random(&clip, 1, false, DType::F32, &dev)?;
+    let backbone = Backbone::random(&clip, 1, false, dtype, dev)?;
+    let dev = dev.clone();
     let grid = cfg.capt.bank.local_grid;
     let g = grid * grid;
     let d = backbone.dim();
@@ -161,6 +174,7 @@ pub fn measure_pair(
         Ok(Tensor::from_vec(v, bs, &dev)?)
     };
     let runner = |cache: Option<TableCache>, model: Model| Runner {
+        device: dev.clone(),
         model,
         cache,
         sgd: Sgd::new(0.9, 5e-4, Some(1.0)),
@@ -246,7 +260,14 @@ pub fn peak_rss_mb() -> f64 {
 /// Runs each class count in a child process and prints the table.
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     if let Some(classes) = args.child {
-        let rs = measure_pair(&args.size, &args.config, classes, args.steps)?;
+        let rs = measure_pair(
+            &args.size,
+            &args.config,
+            classes,
+            args.steps,
+            &args.device,
+            args.dtype,
+        )?;
         for r in &rs {
             println!("{}", serde_json::to_string(r).expect("result serialises"));
         }
@@ -309,6 +330,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
             );
         }
     }
+    let mut torch = Vec::new();
     if let Some(py) = &args.torch_python {
         for &c in &args.classes {
             let out = Command::new(py)
@@ -320,6 +342,11 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
                     &args.steps.to_string(),
                 ])
                 .args(["--size", &args.size])
+                .args([
+                    "--device",
+                    if args.device.is_cuda() { "cuda" } else { "cpu" },
+                ])
+                .args(["--dtype", torch_dtype(args.dtype)])
                 .output()
                 .map_err(|e| TrainError::Config(format!("cannot run {py}: {e}")))?;
             if !out.status.success() {
@@ -346,7 +373,138 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
                     );
                 }
             }
+            torch.push(v);
         }
     }
+    // One machine-readable line last (tools/gpu-check.sh reads it).
+    println!(
+        "{}",
+        serde_json::json!({ "train_step": results, "torch": torch })
+    );
     Ok(results)
+}
+
+/// `--dtype` of tools/ref_train_step.py for a backbone dtype.
+fn torch_dtype(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// `capt-train bench forward`.
+#[derive(Debug, Clone)]
+pub struct ForwardArgs {
+    /// A CLIP folder, `tiny`, or `b16` (random ViT-B/16 weights: throughput at full size).
+    pub backbone: String,
+    pub device: Device,
+    pub dtype: DType,
+    /// Images per timed forward pass.
+    pub batch: usize,
+    /// Timed passes (after one warm-up pass).
+    pub iters: usize,
+}
+
+/// What `bench forward` measured. Deviations are of L2-normalised features (what the
+/// classifier compares), on the same random pixels and prompts, against CPU f32.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardReport {
+    pub backbone: String,
+    pub device: String,
+    pub dtype: String,
+    pub image_size: usize,
+    /// Images (and prompts) compared with the CPU f32 reference.
+    pub compared: usize,
+    pub image_max_abs_diff: f64,
+    pub text_max_abs_diff: f64,
+    pub batch: usize,
+    pub images_per_s: f64,
+    pub texts_per_s: f64,
+}
+
+fn backbone_for(spec: &str, dtype: DType, dev: &Device) -> Result<Backbone> {
+    match spec {
+        "b16" => Backbone::random(&ClipConfig::vit_b16(), 1, true, dtype, dev),
+        other => Backbone::load(&crate::backbone::BackboneSpec::parse(other), dtype, dev),
+    }
+}
+
+/// Normalised image and text features of `pixels` / `texts` (host f32 rows).
+fn features(bb: &Backbone, pixels: &Tensor, texts: &[String]) -> Result<(Tensor, Tensor)> {
+    let enc = crate::backbone::ImageEncoder::new(bb, 1)?;
+    let (g, _) = enc.encode_pixels(&pixels.to_device(&bb.device)?)?;
+    let t = bb.encode_texts(texts, 64)?;
+    let norm = |x: Tensor| -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        Ok(x.broadcast_div(&x.sqr()?.sum_keepdim(1)?.sqrt()?)?)
+    };
+    Ok((norm(g)?, norm(t)?))
+}
+
+/// Runs `bench forward`: parity against CPU f32 on up to 8 images and prompts, then the
+/// throughput of `iters` passes of `batch` images (and prompts) on the device.
+pub fn forward(args: &ForwardArgs) -> Result<ForwardReport> {
+    let bb = backbone_for(&args.backbone, args.dtype, &args.device)?;
+    let size = bb.config.vision.image_size;
+    let batch = args.batch.max(1);
+    let mut r = rng::rng(11, rng::stream::INIT, 0);
+    let pixels = Tensor::from_vec(
+        rng::normal(&mut r, batch * 3 * size * size, 1.0),
+        (batch, 3, size, size),
+        &Device::Cpu,
+    )?;
+    let texts: Vec<String> = class_names(batch)
+        .iter()
+        .map(|n| format!("a photo of a {n}."))
+        .collect();
+    let n = batch.min(8);
+    let (gi, gt) = features(&bb, &pixels.narrow(0, 0, n)?, &texts[..n])?;
+    let (ri, rt) = if args.device.is_cpu() && args.dtype == DType::F32 {
+        (gi.clone(), gt.clone())
+    } else {
+        let cpu = backbone_for(&args.backbone, DType::F32, &Device::Cpu)?;
+        features(&cpu, &pixels.narrow(0, 0, n)?, &texts[..n])?
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        Ok(f64::from(
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?,
+        ))
+    };
+    let image_max_abs_diff = max_diff(&gi, &ri)?;
+    let text_max_abs_diff = max_diff(&gt, &rt)?;
+
+    let enc = crate::backbone::ImageEncoder::new(&bb, 1)?;
+    let on_dev = pixels.to_device(&args.device)?;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        args.device.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..args.iters.max(1) {
+            f()?;
+        }
+        args.device.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let image_s = time(&mut || {
+        enc.encode_pixels(&on_dev)?;
+        Ok(())
+    })?;
+    let text_s = time(&mut || {
+        bb.encode_texts(&texts, batch)?;
+        Ok(())
+    })?;
+    let done = (batch * args.iters.max(1)) as f64;
+    Ok(ForwardReport {
+        backbone: args.backbone.clone(),
+        device: format!("{:?}", args.device.location()),
+        dtype: torch_dtype(args.dtype).into(),
+        image_size: size,
+        compared: n,
+        image_max_abs_diff,
+        text_max_abs_diff,
+        batch,
+        images_per_s: done / image_s,
+        texts_per_s: done / text_s,
+    })
 }

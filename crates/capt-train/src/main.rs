@@ -267,7 +267,25 @@ struct BenchCli {
 #[derive(Subcommand)]
 enum BenchWhat {
     /// ms/step and peak RSS of CoOp vs CAPT (random ViT-B/16 text tower, cached features).
-    TrainStep(TrainStepCli),
+    TrainStep(Box<TrainStepCli>),
+    /// CLIP towers on --device/--dtype vs the CPU f32 reference (max deviation of the
+    /// normalised features), and images/s of the image encoder there; one JSON line.
+    Forward(ForwardCli),
+}
+
+#[derive(Args)]
+struct ForwardCli {
+    /// CLIP checkpoint (HF folder or .safetensors), `tiny`, or `b16` (random ViT-B/16 weights).
+    #[arg(long, value_name = "DIR|tiny|b16")]
+    backbone: String,
+    /// Images (and prompts) per timed pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Timed passes after one warm-up pass.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -290,6 +308,8 @@ struct TrainStepCli {
     /// Internal: measure CoOp and CAPT for this class count in this process.
     #[arg(long, hide = true)]
     child: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn parse_split(s: &str) -> Result<Split, String> {
@@ -321,6 +341,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCli {
             what: BenchWhat::TrainStep(a),
         }) => run_bench(a),
+        Command::Bench(BenchCli {
+            what: BenchWhat::Forward(a),
+        }) => run_bench_forward(a),
     };
     match result {
         Ok(code) => code,
@@ -457,8 +480,11 @@ fn run_b2n(a: B2nCli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_bench(a: TrainStepCli) -> anyhow::Result<ExitCode> {
+fn run_bench(a: Box<TrainStepCli>) -> anyhow::Result<ExitCode> {
     let config = a.cfg.load()?;
+    let mut forward = a.cfg.forward();
+    forward.extend(["--device".into(), a.device.device.clone()]);
+    forward.extend(["--dtype".into(), a.device.dtype.clone()]);
     bench::run(&bench::BenchArgs {
         classes: a.classes,
         steps: a.steps.max(1),
@@ -467,7 +493,33 @@ fn run_bench(a: TrainStepCli) -> anyhow::Result<ExitCode> {
         child: a.child,
         torch_python: a.torch,
         torch_script: a.torch_script,
-        forward: a.cfg.forward(),
+        forward,
+        device: parse_device(&a.device.device)?,
+        dtype: parse_dtype(&a.device.dtype)?,
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_bench_forward(a: ForwardCli) -> anyhow::Result<ExitCode> {
+    let report = bench::forward(&bench::ForwardArgs {
+        backbone: a.backbone,
+        device: parse_device(&a.device.device)?,
+        dtype: parse_dtype(&a.device.dtype)?,
+        batch: a.batch,
+        iters: a.iters,
+    })?;
+    eprintln!(
+        "{} on {} ({}): normalised features vs CPU f32 on {} inputs: image max |diff| {:.2e}, text {:.2e}; {:.1} images/s, {:.1} prompts/s at batch {}",
+        report.backbone,
+        report.device,
+        report.dtype,
+        report.compared,
+        report.image_max_abs_diff,
+        report.text_max_abs_diff,
+        report.images_per_s,
+        report.texts_per_s,
+        report.batch
+    );
+    println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
 }
