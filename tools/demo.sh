@@ -74,11 +74,8 @@ echo "== 4/7 evaluation against the zero-shot baseline"
 echo "== 5/7 export to ONNX"
 "$release/capt-export" --checkpoint "$OUT/capt" --out "$OUT/export" --force
 
-# A few of the dataset's images (first file of the first three class folders).
-imgs=()
-for d in $(ls -d "$DATA"/*/images/*/ 2>/dev/null | head -n 3); do
-  imgs+=("$d$(ls "$d" | head -n 1)")
-done
+# A few test images of the dataset, one per class, as its split file lists them.
+mapfile -t imgs < <("$bin" data samples --dataset "$DATASET" --root "$DATA" "${split[@]}" --n 3)
 
 echo "== 6/7 classify with capt-edge (tract)"
 "$release/capt-edge" classify --model "$OUT/export" --top-k 3 "${imgs[@]}"
@@ -103,7 +100,7 @@ trap - EXIT
 echo
 echo "artefacts:"
 echo "  zero-shot report : $OUT/zeroshot/report.md"
-echo "  CAPT checkpoint  : $OUT/capt/checkpoint (training log: $OUT/capt/log.jsonl)"
-echo "  CAPT report      : $OUT/capt-eval/report.md (heatmap: $OUT/capt-eval/heatmap-all.png)"
+echo "  CAPT checkpoint  : $OUT/capt/checkpoint (training log: $OUT/capt/log.txt, per epoch: $OUT/capt/log.jsonl)"
+echo "  CAPT report      : $OUT/capt-eval/report.md (labelled heatmap: $OUT/capt-eval/heatmap-all.svg)"
 echo "  exported model   : $OUT/export (capt.json, classifier.onnx, text_encoder.onnx, image_encoder.onnx)"
 echo "  server log       : $OUT/serve.log"

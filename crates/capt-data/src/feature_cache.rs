@@ -160,6 +160,18 @@ impl FeatureCache {
         image_dir: &Path,
         items: &[Datum],
     ) -> Result<(Vec<ImageFeatures>, CacheStats)> {
+        self.features_with_progress(encoder, image_dir, items, &mut |_, _| {})
+    }
+
+    /// [`Self::features`], calling `progress(done, to_encode)` after each encoded chunk (a cache
+    /// hit costs nothing worth showing).
+    pub fn features_with_progress(
+        &self,
+        encoder: &dyn FrozenImageEncoder,
+        image_dir: &Path,
+        items: &[Datum],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Vec<ImageFeatures>, CacheStats)> {
         let backbone = encoder.backbone_id();
         // Hash every image (and load hits) in parallel.
         let looked_up: Vec<Result<Lookup>> = items
@@ -202,10 +214,12 @@ impl FeatureCache {
                 }
             }
         }
+        progress(0, pending.len());
         for chunk in pending.chunks(self.cfg.images_per_call) {
             let feats = self.encode_chunk(encoder, &backbone, chunk)?;
             stats.encode_calls += 1;
             stats.encoded += chunk.len();
+            progress(stats.encoded, pending.len());
             for (p, f) in chunk.iter().zip(feats) {
                 found.insert(p.key.clone(), f);
             }

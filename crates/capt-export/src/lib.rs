@@ -16,6 +16,7 @@ pub mod write;
 pub use error::{ExportError, Result};
 pub use source::{from_checkpoint, read_class_file, zero_shot, Classes, ExportSource};
 pub use write::{
-    build_graphs, classifier_graph, export, image_encoder_graph, text_encoder_graph, BuildReport,
-    ExportOptions, ExportReport, Format, Graph, Precision,
+    build_graphs, classifier_graph, export, export_steps, export_with_progress,
+    image_encoder_graph, text_encoder_graph, BuildReport, ExportOptions, ExportReport, Format,
+    Graph, Precision,
 };

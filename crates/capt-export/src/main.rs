@@ -64,6 +64,9 @@ struct Args {
     /// Skip text_encoder.onnx (no adding classes at the edge).
     #[arg(long)]
     no_text_encoder: bool,
+    /// Hide the progress bar (also hidden when stderr is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
     /// Skip image_encoder.onnx.
     #[arg(long)]
     no_image_encoder: bool,
@@ -132,7 +135,21 @@ fn run(a: Args) -> Result<()> {
         },
         force: a.force,
     };
-    let r = capt_export::export(&src, &opts, &a.out)?;
+    let bar = if a.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(capt_export::export_steps(&opts) as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("export [{bar:30}] {pos}/{len} {msg} [{elapsed}]")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let r = capt_export::export_with_progress(&src, &opts, &a.out, &mut |what| {
+        bar.set_message(what.to_string());
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
     println!(
         "exported {} ({} classes, method {}) to {}",
         src.model_name,

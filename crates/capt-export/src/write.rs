@@ -219,6 +219,22 @@ pub struct BuildReport {
 
 /// Emits every graph the options ask for (int8 or f16 applied), in a fixed order.
 pub fn build_graphs(src: &ExportSource, opts: &ExportOptions) -> Result<(Vec<Graph>, BuildReport)> {
+    build_graphs_with(src, opts, &mut |_| {})
+}
+
+/// How many `step` calls [`export_with_progress`] makes for `opts` (a progress bar's length).
+pub fn export_steps(opts: &ExportOptions) -> usize {
+    let graphs = 1 + usize::from(opts.text_encoder) + usize::from(opts.image_encoder);
+    let passes = usize::from(opts.int8 || opts.precision == Precision::F16);
+    graphs * (1 + passes) + 1
+}
+
+/// [`build_graphs`], calling `step(what)` after each graph and each pass over a graph.
+fn build_graphs_with(
+    src: &ExportSource,
+    opts: &ExportOptions,
+    step: &mut dyn FnMut(&str),
+) -> Result<(Vec<Graph>, BuildReport)> {
     if opts.opset != capt_onnx::OPSET {
         return Err(ExportError::Input(format!(
             "--opset {}: capt writes opset {} (ReduceMean and Squeeze change form in 18); use --opset {}",
@@ -233,11 +249,14 @@ pub fn build_graphs(src: &ExportSource, opts: &ExportOptions) -> Result<(Vec<Gra
         ));
     }
     let mut graphs = vec![classifier_graph(src, &src.params, opts)?];
+    step("classifier graph");
     if opts.text_encoder {
         graphs.push(text_encoder_graph(src, opts)?);
+        step("text encoder graph");
     }
     if opts.image_encoder {
         graphs.push(image_encoder_graph(src, opts)?);
+        step("image encoder graph");
     }
     let mut quant: Option<QuantReport> = None;
     if opts.int8 {
@@ -248,6 +267,7 @@ pub fn build_graphs(src: &ExportSource, opts: &ExportOptions) -> Result<(Vec<Gra
             q.bytes_before += r.bytes_before;
             q.bytes_after += r.bytes_after;
             q.max_abs_error = q.max_abs_error.max(r.max_abs_error);
+            step("int8 weights");
         }
     }
     let mut f16 = Vec::new();
@@ -257,6 +277,7 @@ pub fn build_graphs(src: &ExportSource, opts: &ExportOptions) -> Result<(Vec<Gra
                 g.role,
                 capt_onnx::to_f16_compute(&mut g.model, &F16Options::default())?,
             ));
+            step("f16 compute");
         }
     }
     Ok((graphs, BuildReport { quant, f16 }))
@@ -338,6 +359,17 @@ pub fn write_model_dir(
 /// directory which is renamed into place only when complete (an existing `out` is replaced
 /// only with `force`).
 pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<ExportReport> {
+    export_with_progress(src, opts, out, &mut |_| {})
+}
+
+/// [`export`], calling `step(what)` as each graph is built and when the files are written
+/// ([`export_steps`] calls in all).
+pub fn export_with_progress(
+    src: &ExportSource,
+    opts: &ExportOptions,
+    out: &Path,
+    step: &mut dyn FnMut(&str),
+) -> Result<ExportReport> {
     if out.exists() && !opts.force {
         return Err(ExportError::Input(format!(
             "{} already exists; choose another --out or pass --force to replace it",
@@ -345,7 +377,7 @@ pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<Ex
         )));
     }
     let t0 = Instant::now();
-    let (graphs, built) = build_graphs(src, opts)?;
+    let (graphs, built) = build_graphs_with(src, opts, step)?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let parent = match out.parent() {
@@ -375,6 +407,7 @@ pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<Ex
         }
     };
     sync_dir(&tmp);
+    step("files written");
     if out.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
         std::fs::rename(out, &old).map_err(io(out))?;

@@ -258,7 +258,12 @@ fn export_is_byte_deterministic_and_atomic() {
         force: true,
         ..Default::default()
     };
-    capt_export::export(&src, &forced, &a).unwrap();
+    // The progress steps are as many as export_steps says (the CLI's bar length).
+    let mut steps = Vec::new();
+    capt_export::export_with_progress(&src, &forced, &a, &mut |s| steps.push(s.to_string()))
+        .unwrap();
+    assert_eq!(steps.len(), capt_export::export_steps(&forced), "{steps:?}");
+    assert_eq!(steps.last().map(String::as_str), Some("files written"));
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -1,6 +1,6 @@
 //! Evaluation metrics (CAPT-METHOD.md §7): top-1, macro-F1, base/novel harmonic mean, the
-//! confusion matrix, confusable pairs of a baseline and the Correction Rate against it, and
-//! a confusion heatmap image like the paper's Figure 1.
+//! confusion matrix, confusable pairs of a baseline and the Correction Rate against it. (The
+//! confusion heatmaps are drawn by capt-train's report code.)
 
 use std::path::Path;
 
@@ -19,6 +19,15 @@ impl ConfusionMatrix {
             num_classes,
             counts: vec![0; num_classes * num_classes],
         }
+    }
+
+    /// A matrix from `(truth, predicted, count)` cells (tests, hand-computed cases).
+    pub fn from_cells(num_classes: usize, cells: &[(usize, usize, u64)]) -> Self {
+        let mut m = Self::new(num_classes);
+        for &(i, j, n) in cells {
+            m.counts[i * num_classes + j] += n;
+        }
+        m
     }
 
     pub fn add(&mut self, truth: usize, predicted: usize) {
@@ -105,57 +114,6 @@ impl ConfusionMatrix {
         cells.truncate(n);
         cells
     }
-
-    /// Renders the row-normalised matrix as a heatmap PNG (white = 0, dark red = 1), each
-    /// cell `cell_px` square with a thin grid, written atomically.
-    pub fn write_heatmap_png(&self, path: &Path, cell_px: u32) -> std::io::Result<()> {
-        let c = self.num_classes as u32;
-        let px = cell_px.max(1);
-        let side = (c * px).max(1);
-        let mut img = image::RgbImage::from_pixel(side, side, image::Rgb([255, 255, 255]));
-        for i in 0..c {
-            let row: u64 = (0..c).map(|j| self.get(i as usize, j as usize)).sum();
-            for j in 0..c {
-                let v = if row == 0 {
-                    0.0
-                } else {
-                    self.get(i as usize, j as usize) as f64 / row as f64
-                };
-                let color = heat_color(v);
-                for y in 0..px {
-                    for x in 0..px {
-                        let grid = px >= 4 && (x == 0 || y == 0);
-                        let p = if grid {
-                            image::Rgb([220, 220, 220])
-                        } else {
-                            color
-                        };
-                        img.put_pixel(j * px + x, i * px + y, p);
-                    }
-                }
-            }
-        }
-        let mut bytes = Vec::new();
-        img.write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .map_err(std::io::Error::other)?;
-        write_atomic(path, &bytes)
-    }
-}
-
-/// White -> yellow -> red -> dark red colour ramp for `v` in [0, 1].
-fn heat_color(v: f64) -> image::Rgb<u8> {
-    let v = v.clamp(0.0, 1.0);
-    let (r, g, b) = if v < 0.5 {
-        let t = v / 0.5;
-        (255.0, 255.0 - 55.0 * t, 255.0 * (1.0 - t))
-    } else {
-        let t = (v - 0.5) / 0.5;
-        (255.0 - 115.0 * t, 200.0 * (1.0 - t), 0.0)
-    };
-    image::Rgb([r as u8, g as u8, b as u8])
 }
 
 /// Harmonic mean of base and novel accuracy, `2BN / (B + N)` (0 when both are 0).
@@ -197,14 +155,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn matrix(c: usize, pairs: &[(usize, usize, u64)]) -> ConfusionMatrix {
-        let mut m = ConfusionMatrix::new(c);
-        for &(i, j, n) in pairs {
-            for _ in 0..n {
-                m.add(i, j);
-            }
-        }
-        m
+    fn matrix(c: usize, cells: &[(usize, usize, u64)]) -> ConfusionMatrix {
+        ConfusionMatrix::from_cells(c, cells)
     }
 
     #[test]
@@ -232,22 +184,6 @@ mod tests {
     fn harmonic_mean_matches_table() {
         assert!((harmonic_mean(69.34, 74.22) - 71.70).abs() < 0.01);
         assert_eq!(harmonic_mean(0.0, 0.0), 0.0);
-    }
-
-    #[test]
-    fn heatmap_is_written_atomically_as_png() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("heat.png");
-        matrix(3, &[(0, 0, 2), (0, 1, 2), (2, 2, 1)])
-            .write_heatmap_png(&path, 8)
-            .unwrap();
-        let img = image::open(&path).unwrap().to_rgb8();
-        assert_eq!(img.dimensions(), (24, 24));
-        // Row 0 splits 50/50; row 1 is empty (white).
-        assert_eq!(img.get_pixel(12, 12), &image::Rgb([255, 255, 255]));
-        assert_ne!(img.get_pixel(4, 4), &image::Rgb([255, 255, 255]));
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "no temporary file left behind");
     }
 
     #[test]

@@ -83,6 +83,12 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
     }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::io("create output folder", &args.out, e))?;
+    let _log = crate::progress::attach(&args.out)?;
+    let cells = crate::progress::bar(
+        args.progress,
+        args.datasets.len() * args.methods.len() * args.seeds.len(),
+        "b2n cells",
+    );
     let backbone = Backbone::load(&args.backbone, args.dtype, &args.device)?;
     let feature_cache = args.out.join("feature-cache");
     let mut rows = Vec::new();
@@ -144,6 +150,7 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                     .join(kind.name())
                     .join(method.name())
                     .join(format!("seed{seed}"));
+                cells.set_message(format!("{} {} seed {seed}", kind.name(), method.name()));
                 let ckpt = if method.trains() {
                     let summary = fit(&FitArgs {
                         dataset: kind,
@@ -229,14 +236,17 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                 };
                 tracing::info!(?row, "base-to-novel result");
                 rows.push(row);
+                cells.inc(1);
             }
         }
     }
+    cells.finish_and_clear();
     let (md, csv) = render(&rows, &args.methods);
     for (file, text) in [("b2n.md", &md), ("b2n.csv", &csv)] {
         let p = args.out.join(file);
         write_atomic(&p, text.as_bytes()).map_err(|e| TrainError::io("write", &p, e))?;
     }
+    crate::progress::record(&md);
     print!("{md}");
     Ok(rows)
 }

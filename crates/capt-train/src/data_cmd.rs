@@ -21,6 +21,18 @@ enum DataCommand {
     /// Sample (or load) the few-shot split CoOp's way and print its sizes; writes
     /// split_fewshot/shot_K-seed_S.json unless --no-cache.
     Fewshot(FewshotArgs),
+    /// Print the paths of a few test images, one per class (the first of each of the first N
+    /// classes): sample inputs for `capt-edge classify`, from the split file as training sees it.
+    Samples(SamplesArgs),
+}
+
+#[derive(clap::Args)]
+struct SamplesArgs {
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// How many classes to take an image from.
+    #[arg(long, default_value_t = 3)]
+    n: usize,
 }
 
 #[derive(clap::Args)]
@@ -59,8 +71,10 @@ struct CheckArgs {
 struct FewshotArgs {
     #[command(flatten)]
     data: DatasetArgs,
+    /// Images per class to sample from train (and from val, at most 4, as CoOp).
     #[arg(long, default_value_t = 16)]
     shots: usize,
+    /// Sampling seed (CoOp's seeds are 1, 2, 3).
     #[arg(long, default_value_t = 1)]
     seed: i64,
     /// all, base or new.
@@ -69,6 +83,7 @@ struct FewshotArgs {
     /// Cache folder (default: the dataset's split_fewshot/).
     #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
+    /// Neither read nor write the few-shot cache (split_fewshot/shot_K-seed_S.json).
     #[arg(long)]
     no_cache: bool,
 }
@@ -83,6 +98,25 @@ pub fn run(args: DataArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        DataCommand::Samples(a) => {
+            let ds = Dataset::load_with(&a.data.options())?;
+            let mut seen = std::collections::BTreeSet::new();
+            for d in ds.test() {
+                if seen.len() == a.n {
+                    break;
+                }
+                if seen.insert(d.label) {
+                    println!(
+                        "{}",
+                        capt_data::fsutil::join_rel(&ds.image_dir, &d.impath).display()
+                    );
+                }
+            }
+            if seen.is_empty() {
+                anyhow::bail!("{} has no test images", ds.name);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         DataCommand::Fewshot(a) => {
             let ds = Dataset::load_with(&a.data.options())?;

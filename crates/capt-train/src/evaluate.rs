@@ -77,7 +77,11 @@ pub struct PartReport {
     pub confusion: ConfusionMatrix,
     /// Largest off-diagonal cells: (true, predicted, count).
     pub top_confusions: Vec<(String, String, u64)>,
+    /// Unlabelled PNG thumbnail of the row-normalised matrix.
     pub heatmap: String,
+    /// The labelled heatmap (class names, colour bar, counts): the one to read.
+    #[serde(default)]
+    pub heatmap_svg: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<BaselineComparison>,
 }
@@ -338,8 +342,19 @@ pub fn part_report(
     let heatmap = format!("heatmap-{part}.png");
     let px = (512 / class_names.len().max(1)).clamp(2, 24) as u32;
     let hp = out.join(&heatmap);
-    m.write_heatmap_png(&hp, px)
+    crate::heatmap::png(&m, px)
+        .and_then(|bytes| write_atomic(&hp, &bytes))
         .map_err(|e| TrainError::io("write", &hp, e))?;
+    let heatmap_svg = format!("heatmap-{part}.svg");
+    let sp = out.join(&heatmap_svg);
+    let title = format!(
+        "{part} classes ({}): top-1 {:.1} % on {} images",
+        class_names.len(),
+        m.accuracy(),
+        m.total()
+    );
+    write_atomic(&sp, crate::heatmap::svg(&m, class_names, &title).as_bytes())
+        .map_err(|e| TrainError::io("write", &sp, e))?;
     let top_confusions = m
         .top_confusions(10)
         .into_iter()
@@ -357,6 +372,7 @@ pub fn part_report(
         macro_f1: m.macro_f1(),
         top_confusions,
         heatmap,
+        heatmap_svg,
         baseline,
         confusion: m,
     })
@@ -479,10 +495,17 @@ pub fn render_markdown(r: &Report) -> String {
         s.push_str(&format!("\nBase {b:.2} / Novel {n:.2} / HM {h:.2}\n"));
     }
     for p in &r.parts {
-        s.push_str(&format!(
-            "\n## {} classes\n\nHeatmap: `{}`\n\n",
-            p.part, p.heatmap
-        ));
+        if p.heatmap_svg.is_empty() {
+            s.push_str(&format!(
+                "\n## {} classes\n\nHeatmap: `{}`\n\n",
+                p.part, p.heatmap
+            ));
+        } else {
+            s.push_str(&format!(
+                "\n## {} classes\n\n![confusion heatmap, {} classes]({})\n\n",
+                p.part, p.part, p.heatmap_svg
+            ));
+        }
         if let Some(b) = &p.baseline {
             s.push_str(&format!(
                 "Against baseline `{}` ({}, top-1 {:.2}): {} confusable pairs, {} errors before, {} after.\n\n",
@@ -490,7 +513,7 @@ pub fn render_markdown(r: &Report) -> String {
             ));
         }
         if !p.top_confusions.is_empty() {
-            s.push_str("| true | predicted | errors |\n|---|---|---|\n");
+            s.push_str("Top confusions:\n\n| true | predicted | errors |\n|---|---|---|\n");
             for (t, q, v) in &p.top_confusions {
                 s.push_str(&format!("| {t} | {q} | {v} |\n"));
             }
@@ -508,6 +531,16 @@ pub fn evaluate(args: &EvalArgs) -> Result<(Report, PathBuf)> {
         }
         None => (None, None),
     };
+    let out = match (&args.out, &ckpt_dir) {
+        (Some(o), _) => o.clone(),
+        (None, Some(d)) => d
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("eval-{}", args.split)),
+        (None, None) => PathBuf::from(format!("eval-zeroshot-{}", args.split)),
+    };
+    std::fs::create_dir_all(&out).map_err(|e| TrainError::io("create output folder", &out, e))?;
+    let _log = crate::progress::attach(&out)?;
     let spec = match (&args.backbone, &state) {
         (Some(s), _) => s.clone(),
         (None, Some(st)) => BackboneSpec::parse(&st.backbone.path),
@@ -526,15 +559,6 @@ pub fn evaluate(args: &EvalArgs) -> Result<(Report, PathBuf)> {
         Some(st) if st.subsample == "new" => EvalSubsample::New,
         _ => EvalSubsample::All,
     });
-    let out = match (&args.out, &ckpt_dir) {
-        (Some(o), _) => o.clone(),
-        (None, Some(d)) => d
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(format!("eval-{}", args.split)),
-        (None, None) => PathBuf::from(format!("eval-zeroshot-{}", args.split)),
-    };
-    std::fs::create_dir_all(&out).map_err(|e| TrainError::io("create output folder", &out, e))?;
     let baseline = match &args.baseline {
         Some(p) => Some(read_report(p)?),
         None => None,

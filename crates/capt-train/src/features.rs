@@ -84,7 +84,13 @@ impl TrainImages {
         let encoder = ImageEncoder::new(&model.backbone, model.cfg.capt.bank.local_grid)?;
         let cache = FeatureCache::new(FeatureCacheConfig::new(cache_dir, views, aug_seed, aug))?;
         let started = std::time::Instant::now();
-        let (feats, stats) = cache.features(&encoder, &ds.image_dir, &items)?;
+        let bar = crate::progress::bar(true, items.len(), "caching image features");
+        let (feats, stats) =
+            cache.features_with_progress(&encoder, &ds.image_dir, &items, &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+        bar.finish_and_clear();
         tracing::info!(
             images = items.len(),
             views,
@@ -274,11 +280,14 @@ pub fn for_each_eval_batch(
 ) -> Result<()> {
     let size = model.backbone.config.vision.image_size as u32;
     let loader = DataLoader::eval(ds, split, batch, capt_core::PreprocessConfig::clip(size))?;
+    let bar = crate::progress::bar(true, loader.len(), format!("encoding {} {split}", ds.name));
     for b in loader.epoch(0) {
         let b = b?;
         let pixels = batch_tensor(&b.images, &model.backbone.device)?;
         let feats = encode_pixels(model, &pixels, false)?;
         f(&b.labels, &feats)?;
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok(())
 }

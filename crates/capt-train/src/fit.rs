@@ -15,7 +15,6 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use capt_data::{Dataset, DatasetKind, FewShotCache, LoadOptions, Protocol, Subsample};
 use capt_method::ConfusionBank;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, BackboneSpec};
@@ -145,6 +144,7 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
     }
     let out = &args.out;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create output folder", out, e))?;
+    let _log = crate::progress::attach(out)?;
     let probe = out.join(format!(".write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| TrainError::io("write into output folder", out, e))?;
     let _ = std::fs::remove_file(&probe);
@@ -260,7 +260,11 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
             &mut rng::rng(args.seed, rng::stream::ORDER, epoch as u64),
             n,
         );
-        let bar = progress_bar(args.progress, batches, epoch, epochs);
+        let bar = crate::progress::bar(
+            args.progress,
+            batches,
+            format!("epoch {}/{epochs}", epoch + 1),
+        );
         let started = Instant::now();
         let mut acc_n = 0usize;
         let mut seen = 0usize;
@@ -590,21 +594,6 @@ fn restore(
         *cache = Some(restored);
     }
     Ok(())
-}
-
-fn progress_bar(show: bool, len: usize, epoch: usize, epochs: usize) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len as u64);
-    let style = ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-    )
-    .expect("valid template")
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
-    bar
 }
 
 const LOG: &str = "log.jsonl";

@@ -9,7 +9,7 @@ use capt_method::Method;
 use capt_train::backbone::{parse_device, parse_dtype, BackboneSpec};
 use capt_train::config::RunConfig;
 use capt_train::evaluate::EvalSubsample;
-use capt_train::{b2n, bench, evaluate, fit};
+use capt_train::{b2n, bench, evaluate, fit, progress};
 use clap::{Args, Parser, Subcommand};
 
 mod data_cmd;
@@ -56,8 +56,10 @@ struct ConfigArgs {
     /// (KgCoOp-style), capt, capt-no-sem, capt-no-sam, capt-no-routing.
     #[arg(long, value_parser = parse_method)]
     method: Option<Method>,
+    /// Training images per class (data.shots; default 16).
     #[arg(long)]
     shots: Option<usize>,
+    /// Training epochs (optim.epochs; default 20).
     #[arg(long)]
     epochs: Option<usize>,
     /// Learning rate (optim.lr) of the prompts; cosine schedule after the warm-up epoch.
@@ -66,6 +68,7 @@ struct ConfigArgs {
     /// Learning rate of the CAPT head: adapter, router, expert gains (optim.head_lr).
     #[arg(long)]
     head_lr: Option<f64>,
+    /// Images per training step (optim.batch_size).
     #[arg(long)]
     batch_size: Option<usize>,
     /// Pairs re-encoded with gradient per step (trainer.grad_pairs; 0 = all the batch uses).
@@ -145,6 +148,7 @@ struct FitCli {
     /// CoOp's $DATA folder.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
+    /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
     #[arg(long, value_name = "FILE")]
     split_file: Option<PathBuf>,
     /// CLIP checkpoint (HF folder or .safetensors), or `tiny` (random test model).
@@ -170,6 +174,7 @@ struct FitCli {
     /// Feature cache folder (default <out>/feature-cache); share it between runs.
     #[arg(long, value_name = "DIR")]
     feature_cache: Option<PathBuf>,
+    /// Hide progress bars (also hidden when stderr is not a terminal).
     #[arg(long)]
     no_progress: bool,
     #[command(flatten)]
@@ -181,10 +186,13 @@ struct EvalCli {
     /// Checkpoint folder, or a run's --out folder (its LATEST checkpoint).
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
+    /// Dataset name (OxfordPets, DescribableTextures / dtd, ...).
     #[arg(long, value_name = "NAME")]
     dataset: DatasetKind,
+    /// CoOp's $DATA folder.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
+    /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
     #[arg(long, value_name = "FILE")]
     split_file: Option<PathBuf>,
     /// train, val or test.
@@ -202,31 +210,45 @@ struct EvalCli {
     /// Output folder (default <checkpoint>/../eval-<split>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Hide progress bars (also hidden when stderr is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
 
 #[derive(Args)]
 struct ZeroshotCli {
+    /// Dataset name (OxfordPets, DescribableTextures / dtd, ...).
     #[arg(long, value_name = "NAME")]
     dataset: DatasetKind,
+    /// CoOp's $DATA folder.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
+    /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
     #[arg(long, value_name = "FILE")]
     split_file: Option<PathBuf>,
+    /// CLIP checkpoint (HF folder or .safetensors), or `tiny` (random test model).
     #[arg(long, value_name = "DIR|tiny")]
     backbone: String,
+    /// train, val or test.
     #[arg(long, default_value = "test", value_parser = parse_split)]
     split: Split,
+    /// all, base, new or b2n (both halves + HM).
     #[arg(long, default_value = "all")]
     subsample: EvalSubsample,
+    /// A report.json to compare with (confusable pairs, Correction Rate).
     #[arg(long, value_name = "REPORT.json")]
     baseline: Option<PathBuf>,
     /// Config (prompt.template, bank.local_grid, trainer.eval_batch).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Output folder (default eval-zeroshot-<split>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Hide progress bars (also hidden when stderr is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -236,22 +258,28 @@ struct B2nCli {
     /// Comma-separated dataset names.
     #[arg(long, value_delimiter = ',', required = true)]
     datasets: Vec<DatasetKind>,
+    /// Comma-separated run seeds.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     seeds: Vec<u64>,
+    /// Comma-separated methods (see --method).
     #[arg(long, value_delimiter = ',', default_value = "zero-shot,coop,capt", value_parser = parse_method)]
     methods: Vec<Method>,
+    /// CoOp's $DATA folder.
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
     /// Split-file name for datasets with a split file, `{name}` = the part of CoOp's name
     /// after `split_zhou_` (e.g. `split_mini_{name}.json`); relative to each dataset folder.
     #[arg(long, value_name = "TEMPLATE")]
     split_file: Option<String>,
+    /// CLIP checkpoint (HF folder or .safetensors), or `tiny` (random test model).
     #[arg(long, value_name = "DIR|tiny")]
     backbone: String,
     #[command(flatten)]
     cfg: ConfigArgs,
+    /// Output folder: one run folder per dataset/method/seed, b2n.md and b2n.csv.
     #[arg(long, value_name = "DIR", default_value = "runs/b2n")]
     out: PathBuf,
+    /// Hide progress bars (also hidden when stderr is not a terminal).
     #[arg(long)]
     no_progress: bool,
     #[command(flatten)]
@@ -322,15 +350,28 @@ fn parse_split(s: &str) -> Result<Split, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // No colour escapes in logs redirected to a file (demo, b2n runs).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(progress::MakeStderr)
+                    // No colour escapes in logs redirected to a file (demo, b2n runs).
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            // The same lines into each run folder's log.txt (progress::attach).
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(progress::RunLog::default()),
+            )
+            .init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(args) => data_cmd::run(args),
@@ -349,12 +390,16 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
+            if let Some(dir) = progress::last_dir() {
+                progress::append_line(&dir, &format!("error: {err:#}"));
+            }
             ExitCode::FAILURE
         }
     }
 }
 
 fn run_fit(a: FitCli) -> anyhow::Result<ExitCode> {
+    progress::set_enabled(!a.no_progress);
     let config = a.cfg.load()?;
     let seed = a
         .seed
@@ -385,7 +430,7 @@ fn run_fit(a: FitCli) -> anyhow::Result<ExitCode> {
         progress: !a.no_progress,
     })?;
     let last = summary.logs.last();
-    println!(
+    say(format!(
         "{} after {} epoch(s): checkpoint {}{}",
         if summary.finished {
             "finished"
@@ -398,7 +443,7 @@ fn run_fit(a: FitCli) -> anyhow::Result<ExitCode> {
             " (train loss {:.4}, acc {:.1}%)",
             l.loss, l.acc
         ))
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -409,18 +454,27 @@ fn print_report(r: &evaluate::Report, out: &std::path::Path) {
             .as_ref()
             .and_then(|b| b.correction_rate)
             .map_or(String::new(), |v| format!(", Correction Rate {v:.2}%"));
-        println!(
+        say(format!(
             "{} {} classes: top-1 {:.2}%, macro-F1 {:.2}% on {} images{cr}",
             r.method, p.part, p.top1, p.macro_f1, p.images
-        );
+        ));
     }
     if let (Some(b), Some(n), Some(h)) = (r.base, r.novel, r.hm) {
-        println!("base {b:.2} / novel {n:.2} / HM {h:.2}");
+        say(format!("base {b:.2} / novel {n:.2} / HM {h:.2}"));
     }
-    println!("report: {}", out.join("report.json").display());
+    say(format!("report: {}", out.join("report.json").display()));
+}
+
+/// Prints a result line and keeps it in the run folder's log.txt.
+fn say(line: String) {
+    println!("{line}");
+    if let Some(dir) = progress::last_dir() {
+        progress::append_line(&dir, &line);
+    }
 }
 
 fn run_eval(a: EvalCli) -> anyhow::Result<ExitCode> {
+    progress::set_enabled(!a.no_progress);
     let (report, out) = evaluate::evaluate(&evaluate::EvalArgs {
         checkpoint: Some(a.checkpoint),
         dataset: a.dataset,
@@ -440,6 +494,7 @@ fn run_eval(a: EvalCli) -> anyhow::Result<ExitCode> {
 }
 
 fn run_zeroshot(a: ZeroshotCli) -> anyhow::Result<ExitCode> {
+    progress::set_enabled(!a.no_progress);
     let config = match &a.config {
         Some(p) => RunConfig::from_toml_file(p)?,
         None => RunConfig::default(),
@@ -463,6 +518,7 @@ fn run_zeroshot(a: ZeroshotCli) -> anyhow::Result<ExitCode> {
 }
 
 fn run_b2n(a: B2nCli) -> anyhow::Result<ExitCode> {
+    progress::set_enabled(!a.no_progress);
     let config = a.cfg.load()?;
     b2n::run(&b2n::B2nArgs {
         datasets: a.datasets,

@@ -153,3 +153,33 @@ fn fewshot_subcommand_samples_and_caches() {
     let (_, out, _) = capt_train(&args);
     assert!(out.contains("loaded from cache"), "{out}");
 }
+
+#[test]
+fn samples_are_test_images_one_per_class() {
+    let root = fixture_root();
+    let (code, out, err) = capt_train(&[
+        "data",
+        "samples",
+        "--dataset",
+        "dtd",
+        "--root",
+        root.to_str().unwrap(),
+        "--n",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let paths: Vec<&str> = out.lines().collect();
+    assert_eq!(paths.len(), 3, "{out}");
+    let classes: std::collections::BTreeSet<&str> = paths
+        .iter()
+        .map(|p| {
+            assert!(Path::new(p).is_file(), "{p} does not exist");
+            Path::new(p)
+                .parent()
+                .and_then(|d| d.file_name())
+                .and_then(|n| n.to_str())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(classes.len(), 3, "one image per class: {paths:?}");
+}

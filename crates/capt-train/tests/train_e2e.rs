@@ -91,9 +91,20 @@ fn coop_fit_lowers_the_loss_and_eval_writes_the_report() {
     assert_eq!(part["confusion"]["num_classes"], 10);
     let png = image::open(ev.join("heatmap-all.png")).unwrap();
     assert!(png.width() >= 10);
-    assert!(std::fs::read_to_string(ev.join("report.md"))
-        .unwrap()
-        .contains("top-1"));
+    // The labelled heatmap names the classes; report.md shows it above the top confusions.
+    let svg = std::fs::read_to_string(ev.join("heatmap-all.svg")).unwrap();
+    assert!(svg.contains(">banded</text>") && svg.contains("predicted class"));
+    let md = std::fs::read_to_string(ev.join("report.md")).unwrap();
+    assert!(
+        md.contains("top-1") && md.contains("(heatmap-all.svg)"),
+        "{md}"
+    );
+
+    // Each run folder keeps log.txt: the log lines and the printed result.
+    let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+    assert!(log.contains("finished after 4 epoch(s)"), "{log}");
+    let log = std::fs::read_to_string(ev.join("log.txt")).unwrap();
+    assert!(log.contains("report: "), "{log}");
 }
 
 #[test]
@@ -122,6 +133,10 @@ fn capt_resume_equals_uninterrupted_run_bit_for_bit() {
     assert!(r.stderr.contains("--resume"), "{}", r.stderr);
     let r = fit(&part, &["--seed", "5", "--resume"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // The refused second start and its error, then the resumed run, all in one log.txt.
+    let log = std::fs::read_to_string(part.join("log.txt")).unwrap();
+    assert!(log.contains("error: ") && log.contains("--resume"), "{log}");
+    assert!(log.contains("finished after 2 epoch(s)"), "{log}");
     for f in FILES {
         let a = read(&full.join("checkpoint").join(f));
         let b = read(&part.join("checkpoint").join(f));
