@@ -16,6 +16,7 @@ mod layers;
 pub mod load;
 pub mod model;
 pub mod text;
+pub mod torch_file;
 pub mod vision;
 
 pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};

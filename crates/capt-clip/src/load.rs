@@ -1,4 +1,5 @@
-//! Checkpoint loading: HF-format directories and OpenAI / open_clip state dicts (safetensors),
+//! Checkpoint loading: HF-format directories and OpenAI / open_clip state dicts (safetensors, or
+//! PyTorch `.pt` / `.bin` files: state dicts and OpenAI's TorchScript archives),
 //! name mapping, shape checks with named errors, config inference, and the backbone hash.
 
 use std::collections::{BTreeSet, HashMap};
@@ -30,8 +31,9 @@ pub struct CheckpointFiles {
     pub config: Option<PathBuf>,
 }
 
-/// Finds the weights (`model.safetensors`, or the only `*.safetensors` of a directory) and an
-/// optional `config.json` next to them. `path` is a directory or a `.safetensors` file.
+/// Finds the weights (`model.safetensors`, the only `*.safetensors` of a directory, else its only
+/// PyTorch file `*.bin` / `*.pt` / `*.pth`) and an optional `config.json` next to them. `path`
+/// is a directory or a weights file.
 pub fn resolve_checkpoint(path: impl AsRef<Path>) -> Result<CheckpointFiles> {
     let path = path.as_ref();
     let meta = std::fs::metadata(path).map_err(|source| ClipError::Io {
@@ -47,20 +49,38 @@ pub fn resolve_checkpoint(path: impl AsRef<Path>) -> Result<CheckpointFiles> {
                 path: path.to_path_buf(),
                 source,
             })?;
-            let found: Vec<PathBuf> = entries
+            let mut files: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .filter(|p| p.is_file())
                 .collect();
-            match found.as_slice() {
-                [one] => one.clone(),
+            files.sort();
+            let with_ext = |exts: &[&str]| -> Vec<PathBuf> {
+                files
+                    .iter()
+                    .filter(|p| {
+                        p.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| exts.contains(&e))
+                    })
+                    .cloned()
+                    .collect()
+            };
+            // safetensors first; else one PyTorch file (pytorch_model.bin, ViT-B-16.pt, ...).
+            let safetensors = with_ext(&["safetensors"]);
+            let torch = with_ext(&["bin", "pt", "pth"]);
+            match (safetensors.as_slice(), torch.as_slice()) {
+                ([one], _) => one.clone(),
+                ([], [one]) => one.clone(),
                 _ => {
                     return Err(ClipError::UnknownFormat {
                         file: path.to_path_buf(),
                         reason: format!(
-                        "expected model.safetensors or exactly one *.safetensors file, found {}; \
-                             convert .bin/.pt checkpoints with safetensors.torch.save_file",
-                        found.len()
-                    ),
+                            "expected model.safetensors, exactly one *.safetensors file, or else \
+                             exactly one PyTorch file (*.bin, *.pt, *.pth); found {} and {}: \
+                             pass the file itself as --backbone",
+                            safetensors.len(),
+                            torch.len()
+                        ),
                     })
                 }
             }
@@ -371,18 +391,34 @@ pub fn infer_config(
     Ok(cfg)
 }
 
-/// Reads a safetensors file into CPU tensors, stripping a `module.` prefix (DataParallel saves).
-fn read_safetensors(file: &Path) -> Result<HashMap<String, Tensor>> {
+/// Reads a weights file into CPU tensors, stripping a `module.` prefix (DataParallel saves):
+/// safetensors, or a PyTorch zip archive (`torch.save` state dict, TorchScript as OpenAI's
+/// `.pt` files; [`crate::torch_file`]).
+fn read_weights(file: &Path) -> Result<HashMap<String, Tensor>> {
     std::fs::metadata(file).map_err(|source| ClipError::Io {
         path: file.to_path_buf(),
         source,
     })?;
-    let raw = candle_core::safetensors::load(file, &Device::Cpu).map_err(|source| {
-        ClipError::Safetensors {
+    let raw = if crate::torch_file::is_torch_zip(file)? {
+        let (tensors, kind) = crate::torch_file::read_torch_file(file)?;
+        tracing::debug!(file = %file.display(), ?kind, "read PyTorch checkpoint");
+        tensors
+    } else if crate::torch_file::is_legacy_pickle(file) {
+        return Err(ClipError::UnknownFormat {
             file: file.to_path_buf(),
-            source,
-        }
-    })?;
+            reason: "a PyTorch file in the pre-1.6 pickle format, which capt does not read: \
+                     re-save it with a current torch (`torch.save(torch.load(f), f)`) or as \
+                     safetensors (`safetensors.torch.save_file`)"
+                .into(),
+        });
+    } else {
+        candle_core::safetensors::load(file, &Device::Cpu).map_err(|source| {
+            ClipError::Safetensors {
+                file: file.to_path_buf(),
+                source,
+            }
+        })?
+    };
     let all_module = !raw.is_empty() && raw.keys().all(|k| k.starts_with("module."));
     Ok(raw
         .into_iter()
@@ -463,7 +499,7 @@ pub fn load_hf_tensors(
 ) -> Result<(ClipConfig, HashMap<String, Tensor>, CheckpointFiles)> {
     let files = resolve_checkpoint(path)?;
     let file = files.weights.as_path();
-    let raw = read_safetensors(file)?;
+    let raw = read_weights(file)?;
     let keys: BTreeSet<String> = raw.keys().cloned().collect();
     let format = detect_format(&keys, file)?;
     let cfg = match (config, &files.config) {

@@ -1,0 +1,148 @@
+//! OpenAI's checkpoint files read in Rust, no Python: a TorchScript archive like the released
+//! `ViT-B-16.pt` (fp16 weights) and a `torch.save` state dict, both made from OpenAI's model
+//! code by tools/make_openai_fixture.py, against that model's embeddings (<= 1e-5 in f32).
+//! Bad files get named errors.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use capt_clip::{ClipError, ClipModel};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/clip/openai-tiny")
+}
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| match x.as_array() {
+            Some(row) => row.iter().map(|y| y.as_f64().unwrap() as f32).collect(),
+            None => vec![x.as_f64().unwrap() as f32],
+        })
+        .collect()
+}
+
+fn max_diff(a: &Tensor, b: &[f32]) -> f32 {
+    a.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_parity(file: &Path) {
+    let r = reference();
+    let m = ClipModel::load(file, DType::F32, &Device::Cpu).unwrap();
+    let cfg = m.config();
+    assert_eq!(cfg.projection_dim, 32);
+    assert_eq!(cfg.vision.image_size, 32);
+    assert_eq!(cfg.text.num_hidden_layers, 2);
+
+    let shape: Vec<usize> = r["pixels_shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let pixels = Tensor::from_vec(floats(&r["pixels"]), shape, &Device::Cpu).unwrap();
+    let img = m.vision.forward(&pixels, None).unwrap().global;
+    let want = floats(&r["image_embeds"]);
+    assert_eq!(img.elem_count(), want.len());
+    let d = max_diff(&img, &want);
+    assert!(
+        d <= 1e-5,
+        "{}: image embeddings differ by {d}",
+        file.display()
+    );
+
+    let rows: Vec<Vec<u32>> = r["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let ids = Tensor::new(rows, &Device::Cpu).unwrap();
+    let text = m.text.forward_ids(&ids).unwrap();
+    let want = floats(&r["text_embeds"]);
+    assert_eq!(text.elem_count(), want.len());
+    let d = max_diff(&text, &want);
+    assert!(
+        d <= 1e-5,
+        "{}: text embeddings differ by {d}",
+        file.display()
+    );
+}
+
+#[test]
+fn openai_torchscript_checkpoint_matches_its_pytorch_model() {
+    check_parity(&dir().join("ViT-tiny.pt"));
+}
+
+#[test]
+fn torch_save_state_dict_matches_its_pytorch_model() {
+    check_parity(&dir().join("state_dict.pt"));
+}
+
+#[test]
+fn a_folder_with_one_pytorch_file_resolves_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir().join("ViT-tiny.pt"), tmp.path().join("ViT-tiny.pt")).unwrap();
+    let files = capt_clip::load::resolve_checkpoint(tmp.path()).unwrap();
+    assert_eq!(files.weights, tmp.path().join("ViT-tiny.pt"));
+    ClipModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn truncated_or_foreign_pytorch_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(dir().join("ViT-tiny.pt")).unwrap();
+    // Cut in the middle: the zip directory at the end is gone.
+    let cut = tmp.path().join("cut.pt");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = ClipModel::load(&cut, DType::F32, &Device::Cpu).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, ClipError::UnknownFormat { .. })
+            && msg.contains("cut.pt")
+            && msg.contains("truncated"),
+        "{msg}"
+    );
+    // A zip that is no PyTorch file.
+    let other = tmp.path().join("other.pt");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&other).unwrap());
+    z.start_file(
+        "readme.txt",
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut z, b"hello").unwrap();
+    z.finish().unwrap();
+    let msg = ClipModel::load(&other, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("other.pt") && msg.contains("data.pkl"),
+        "{msg}"
+    );
+    // A pre-1.6 torch.save file (a bare pickle).
+    let old = tmp.path().join("old.pth");
+    std::fs::write(&old, b"\x80\x02}q\x00.").unwrap();
+    let msg = ClipModel::load(&old, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("old.pth") && msg.contains("pre-1.6"), "{msg}");
+}
