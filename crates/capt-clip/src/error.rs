@@ -51,6 +51,11 @@ pub enum ClipError {
     #[error("{file}: {reason}")]
     UnknownFormat { file: PathBuf, reason: String },
 
+    /// An architecture fact (activation, head width) that neither the checkpoint nor `--arch`
+    /// gives; `what` is the file or the `--arch` value.
+    #[error("{what}: {reason}")]
+    UnknownArch { what: String, reason: String },
+
     #[error("{file}: cannot read safetensors: {source}")]
     Safetensors {
         file: PathBuf,

@@ -23,8 +23,8 @@ pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::{ClipError, Result};
 pub use layers::Mode;
 pub use load::{
-    backbone_hash, expected_tensors, load_hf_tensors, resolve_checkpoint, CheckpointFiles,
-    CheckpointFormat,
+    arch_hint, backbone_hash, expected_tensors, load_hf_tensors, load_hf_tensors_with,
+    resolve_checkpoint, ArchHint, CheckpointFiles, CheckpointFormat, LoadOptions,
 };
 pub use model::{l2_normalize, ClipModel};
 pub use text::{ClipTextTower, DeepTextPrompts, TextPrompts};

@@ -394,14 +394,18 @@ pub fn infer_config(
 /// Reads a weights file into CPU tensors, stripping a `module.` prefix (DataParallel saves):
 /// safetensors, or a PyTorch zip archive (`torch.save` state dict, TorchScript as OpenAI's
 /// `.pt` files; [`crate::torch_file`]).
-fn read_weights(file: &Path) -> Result<HashMap<String, Tensor>> {
+fn read_weights(file: &Path) -> Result<(HashMap<String, Tensor>, bool)> {
     std::fs::metadata(file).map_err(|source| ClipError::Io {
         path: file.to_path_buf(),
         source,
     })?;
+    let mut openai_jit = false;
     let raw = if crate::torch_file::is_torch_zip(file)? {
         let (tensors, kind) = crate::torch_file::read_torch_file(file)?;
         tracing::debug!(file = %file.display(), ?kind, "read PyTorch checkpoint");
+        // OpenAI's released files are TorchScript of their own `clip.model.CLIP`.
+        openai_jit = matches!(&kind, crate::torch_file::TorchFileKind::TorchScript { class }
+            if class.starts_with("__torch__.clip.model") && class.ends_with(".CLIP"));
         tensors
     } else if crate::torch_file::is_legacy_pickle(file) {
         return Err(ClipError::UnknownFormat {
@@ -420,7 +424,7 @@ fn read_weights(file: &Path) -> Result<HashMap<String, Tensor>> {
         })?
     };
     let all_module = !raw.is_empty() && raw.keys().all(|k| k.starts_with("module."));
-    Ok(raw
+    let tensors = raw
         .into_iter()
         .map(|(k, v)| {
             let k = if all_module {
@@ -430,7 +434,8 @@ fn read_weights(file: &Path) -> Result<HashMap<String, Tensor>> {
             };
             (k, v)
         })
-        .collect())
+        .collect();
+    Ok((tensors, openai_jit))
 }
 
 /// Maps a state dict to HF names, checking every expected tensor's presence and shape.
@@ -490,6 +495,92 @@ fn to_hf_tensors(
     Ok(out)
 }
 
+/// What a caller knows about a checkpoint beyond its files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions<'a> {
+    /// The architecture, overriding `config.json` / `open_clip_config.json` / inference.
+    pub config: Option<&'a ClipConfig>,
+    /// An open_clip model name (`ViT-B-16`, `ViT-B-16-quickgelu`, `ViT-H-14`, ...) or `openai`:
+    /// the facts tensor shapes cannot tell (activation, head width) for a checkpoint without
+    /// a config (`--arch`).
+    pub arch: Option<&'a str>,
+}
+
+/// The facts an `--arch` name gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchHint {
+    pub activation: Activation,
+    /// Width of one vision attention head (64 but for open_clip's H/g/bigG models).
+    pub vision_head_width: usize,
+}
+
+/// Parses an `--arch` name: open_clip's model names (`-quickgelu` = OpenAI's activation,
+/// otherwise GELU, as open_clip builds them) or `openai` (OpenAI's own weights: QuickGELU).
+pub fn arch_hint(name: &str) -> Result<ArchHint> {
+    let lower = name.to_ascii_lowercase();
+    if lower == "openai" {
+        return Ok(ArchHint {
+            activation: Activation::QuickGelu,
+            vision_head_width: 64,
+        });
+    }
+    let (base, activation) = match lower.strip_suffix("-quickgelu") {
+        Some(b) => (b.to_string(), Activation::QuickGelu),
+        None => (lower.clone(), Activation::Gelu),
+    };
+    if !base.starts_with("vit-") {
+        return Err(ClipError::UnknownArch {
+            what: format!("--arch {name}"),
+            reason: "expected `openai` or an open_clip ViT name such as ViT-B-16 (GELU), \
+                     ViT-B-16-quickgelu (QuickGELU, OpenAI's activation) or ViT-H-14"
+                .into(),
+        });
+    }
+    // open_clip's vision head widths (its `head_width`; 64 unless its model JSON says else).
+    let vision_head_width = match base.as_str() {
+        "vit-h-14" | "vit-h-16" => 80,
+        "vit-g-14" => 88,
+        "vit-bigg-14" => 104,
+        _ => 64,
+    };
+    Ok(ArchHint {
+        activation,
+        vision_head_width,
+    })
+}
+
+/// Architecture facts from an open_clip `open_clip_config.json` (`model_cfg`): activation
+/// (`quick_gelu`, false by default as in open_clip), head counts.
+fn open_clip_facts(path: &Path) -> Result<(Activation, Option<usize>, Option<usize>)> {
+    let text = std::fs::read_to_string(path).map_err(|source| ClipError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ClipError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let m = v.get("model_cfg").unwrap_or(&v);
+    let quick = m
+        .get("quick_gelu")
+        .and_then(|q| q.as_bool())
+        .unwrap_or(false);
+    let vision_head_width = m
+        .pointer("/vision_cfg/head_width")
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize);
+    let text_heads = m
+        .pointer("/text_cfg/heads")
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize);
+    let act = if quick {
+        Activation::QuickGelu
+    } else {
+        Activation::Gelu
+    };
+    Ok((act, vision_head_width, text_heads))
+}
+
 /// Reads a checkpoint (as [`ClipModel::load`]) into CPU tensors under their HF names, mapped
 /// from OpenAI / open_clip names when needed, every expected tensor present and shaped; with
 /// the architecture (`config` overrides the checkpoint's) and the files read.
@@ -497,27 +588,74 @@ pub fn load_hf_tensors(
     path: impl AsRef<Path>,
     config: Option<&ClipConfig>,
 ) -> Result<(ClipConfig, HashMap<String, Tensor>, CheckpointFiles)> {
+    load_hf_tensors_with(path, &LoadOptions { config, arch: None })
+}
+
+/// [`load_hf_tensors`] with everything the caller knows ([`LoadOptions`]). Without a config,
+/// the activation comes from `--arch`, an `open_clip_config.json` next to the weights, or the
+/// file being OpenAI's own TorchScript / carrying OpenAI's `input_resolution` entry; when none
+/// of these says it, the checkpoint is refused (QuickGELU and GELU models have the same
+/// tensors, and a wrong guess computes wrong features silently).
+pub fn load_hf_tensors_with(
+    path: impl AsRef<Path>,
+    opts: &LoadOptions<'_>,
+) -> Result<(ClipConfig, HashMap<String, Tensor>, CheckpointFiles)> {
     let files = resolve_checkpoint(path)?;
     let file = files.weights.as_path();
-    let raw = read_weights(file)?;
+    let (raw, openai_jit) = read_weights(file)?;
     let keys: BTreeSet<String> = raw.keys().cloned().collect();
     let format = detect_format(&keys, file)?;
-    let cfg = match (config, &files.config) {
+    let hint = opts.arch.map(arch_hint).transpose()?;
+    let open_clip_json = file
+        .parent()
+        .map(|d| d.join("open_clip_config.json"))
+        .filter(|p| p.is_file());
+    let cfg = match (opts.config, &files.config) {
         (Some(c), _) => {
             c.validate(file)?;
             c.clone()
         }
         (None, Some(cfg_file)) => ClipConfig::from_hf_config_json(cfg_file)?,
         (None, None) => {
-            let shapes = raw
+            let shapes: HashMap<String, Vec<usize>> = raw
                 .iter()
                 .map(|(k, t)| (k.clone(), t.dims().to_vec()))
                 .collect();
-            infer_config(&shapes, format, file)?
+            let mut cfg = infer_config(&shapes, format, file)?;
+            let act = if let Some(h) = hint {
+                cfg.vision.num_attention_heads = cfg.vision.hidden_size / h.vision_head_width;
+                h.activation
+            } else if let Some(oc) = &open_clip_json {
+                let (act, head_width, text_heads) = open_clip_facts(oc)?;
+                if let Some(w) = head_width.filter(|w| *w > 0) {
+                    cfg.vision.num_attention_heads = cfg.vision.hidden_size / w;
+                }
+                if let Some(h) = text_heads {
+                    cfg.text.num_attention_heads = h;
+                }
+                act
+            } else if openai_jit || keys.contains("input_resolution") {
+                Activation::QuickGelu
+            } else {
+                return Err(ClipError::UnknownArch {
+                    what: file.display().to_string(),
+                    reason: "its activation cannot be known: it has no config.json or \
+                             open_clip_config.json, and QuickGELU (OpenAI's weights) and GELU \
+                             (open_clip's LAION / DataComp weights) models have the same tensors. \
+                             Pass --arch ViT-B-16-quickgelu (or `openai`) for OpenAI weights, \
+                             --arch ViT-B-16 (the open_clip name) for GELU ones, or put the \
+                             model's open_clip_config.json next to the file"
+                        .into(),
+                });
+            };
+            cfg.text.hidden_act = act;
+            cfg.vision.hidden_act = act;
+            cfg.validate(file)?;
+            cfg
         }
     };
     let tensors = to_hf_tensors(raw, format, &cfg, file)?;
-    tracing::debug!(file = %file.display(), ?format, "read CLIP tensors");
+    tracing::debug!(file = %file.display(), ?format, act = ?cfg.vision.hidden_act, "read CLIP tensors");
     Ok((cfg, tensors, files))
 }
 
@@ -537,10 +675,20 @@ impl ClipModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_with(path, &LoadOptions { config, arch: None }, dtype, device)
+    }
+
+    /// As [`Self::load`], with what the caller knows about the checkpoint ([`LoadOptions`]).
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        opts: &LoadOptions<'_>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
             return Err(ClipError::UnsupportedDType(dtype));
         }
-        let (cfg, tensors, files) = load_hf_tensors(path, config)?;
+        let (cfg, tensors, files) = load_hf_tensors_with(path, opts)?;
         let file = files.weights.as_path();
         let tensors = tensors
             .into_iter()

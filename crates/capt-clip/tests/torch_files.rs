@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use capt_clip::{ClipError, ClipModel};
+use capt_clip::{Activation, ClipError, ClipModel, LoadOptions};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/clip/openai-tiny")
@@ -38,13 +38,18 @@ fn max_diff(a: &Tensor, b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn check_parity(file: &Path) {
+fn load(file: &Path, arch: Option<&str>) -> capt_clip::Result<ClipModel> {
+    ClipModel::load_with(
+        file,
+        &LoadOptions { config: None, arch },
+        DType::F32,
+        &Device::Cpu,
+    )
+}
+
+/// Max deviation of the model's embeddings from OpenAI's model's (reference.json).
+fn deviation(m: &ClipModel) -> (f32, f32) {
     let r = reference();
-    let m = ClipModel::load(file, DType::F32, &Device::Cpu).unwrap();
-    let cfg = m.config();
-    assert_eq!(cfg.projection_dim, 32);
-    assert_eq!(cfg.vision.image_size, 32);
-    assert_eq!(cfg.text.num_hidden_layers, 2);
 
     let shape: Vec<usize> = r["pixels_shape"]
         .as_array()
@@ -56,12 +61,7 @@ fn check_parity(file: &Path) {
     let img = m.vision.forward(&pixels, None).unwrap().global;
     let want = floats(&r["image_embeds"]);
     assert_eq!(img.elem_count(), want.len());
-    let d = max_diff(&img, &want);
-    assert!(
-        d <= 1e-5,
-        "{}: image embeddings differ by {d}",
-        file.display()
-    );
+    let di = max_diff(&img, &want);
 
     let rows: Vec<Vec<u32>> = r["tokens"]
         .as_array()
@@ -79,22 +79,87 @@ fn check_parity(file: &Path) {
     let text = m.text.forward_ids(&ids).unwrap();
     let want = floats(&r["text_embeds"]);
     assert_eq!(text.elem_count(), want.len());
-    let d = max_diff(&text, &want);
+    (di, max_diff(&text, &want))
+}
+
+fn check_parity(file: &Path, arch: Option<&str>) {
+    let m = load(file, arch).unwrap();
+    let cfg = m.config();
+    assert_eq!(cfg.projection_dim, 32);
+    assert_eq!(cfg.vision.image_size, 32);
+    assert_eq!(cfg.text.num_hidden_layers, 2);
+    assert_eq!(cfg.vision.hidden_act, Activation::QuickGelu);
+    let (di, dt) = deviation(&m);
     assert!(
-        d <= 1e-5,
-        "{}: text embeddings differ by {d}",
+        di <= 1e-5,
+        "{}: image embeddings differ by {di}",
+        file.display()
+    );
+    assert!(
+        dt <= 1e-5,
+        "{}: text embeddings differ by {dt}",
         file.display()
     );
 }
 
+/// OpenAI's TorchScript says what it is (`__torch__.clip.model.CLIP`): QuickGELU, no --arch.
 #[test]
 fn openai_torchscript_checkpoint_matches_its_pytorch_model() {
-    check_parity(&dir().join("ViT-tiny.pt"));
+    check_parity(&dir().join("ViT-tiny.pt"), None);
+}
+
+/// A bare state dict cannot tell QuickGELU from GELU: `--arch` says it.
+#[test]
+fn torch_save_state_dict_matches_its_pytorch_model() {
+    check_parity(&dir().join("state_dict.pt"), Some("openai"));
+    check_parity(&dir().join("state_dict.pt"), Some("ViT-tiny-quickgelu"));
 }
 
 #[test]
-fn torch_save_state_dict_matches_its_pytorch_model() {
-    check_parity(&dir().join("state_dict.pt"));
+fn an_open_clip_checkpoint_without_its_architecture_is_refused_by_name() {
+    let e = load(&dir().join("state_dict.pt"), None).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ClipError::UnknownArch { .. }), "{msg}");
+    assert!(
+        msg.contains("state_dict.pt")
+            && msg.contains("--arch ViT-B-16-quickgelu")
+            && msg.contains("open_clip_config.json"),
+        "{msg}"
+    );
+    let e = load(&dir().join("state_dict.pt"), Some("resnet50")).unwrap_err();
+    assert!(e.to_string().contains("--arch resnet50"), "{e}");
+}
+
+/// open_clip's own config decides: `quick_gelu: true` gives OpenAI's model, its default
+/// (false) a GELU model, whose features differ.
+#[test]
+fn open_clip_config_chooses_gelu_or_quickgelu() {
+    for (quick, want) in [(true, Activation::QuickGelu), (false, Activation::Gelu)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("open_clip_pytorch_model.bin");
+        std::fs::copy(dir().join("state_dict.pt"), &file).unwrap();
+        let cfg = serde_json::json!({
+            "model_cfg": {
+                "embed_dim": 32,
+                "quick_gelu": quick,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+                "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 2}
+            }
+        });
+        std::fs::write(tmp.path().join("open_clip_config.json"), cfg.to_string()).unwrap();
+        let m = load(tmp.path(), None).unwrap();
+        assert_eq!(m.config().vision.hidden_act, want);
+        assert_eq!(m.config().text.hidden_act, want);
+        let (di, _) = deviation(&m);
+        if quick {
+            assert!(di <= 1e-5, "{di}");
+        } else {
+            assert!(di > 1e-3, "GELU should change the features: {di}");
+        }
+    }
+    // --arch names: open_clip's plain names are GELU.
+    let m = load(&dir().join("state_dict.pt"), Some("ViT-B-16")).unwrap();
+    assert_eq!(m.config().vision.hidden_act, Activation::Gelu);
 }
 
 #[test]
@@ -103,7 +168,7 @@ fn a_folder_with_one_pytorch_file_resolves_to_it() {
     std::fs::copy(dir().join("ViT-tiny.pt"), tmp.path().join("ViT-tiny.pt")).unwrap();
     let files = capt_clip::load::resolve_checkpoint(tmp.path()).unwrap();
     assert_eq!(files.weights, tmp.path().join("ViT-tiny.pt"));
-    ClipModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+    load(tmp.path(), None).unwrap();
 }
 
 #[test]

@@ -29,10 +29,15 @@ struct Args {
     /// Checkpoint folder, or a training run's --out folder (its LATEST checkpoint).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// CLIP weights (HF folder or .safetensors). With --checkpoint: overrides the recorded
-    /// path (must have the recorded sha256). Without: a zero-shot export.
+    /// CLIP weights (HF folder, .safetensors, or a PyTorch .pt/.bin such as OpenAI's
+    /// ViT-B-16.pt). With --checkpoint: overrides the recorded path (must have the recorded
+    /// sha256). Without: a zero-shot export.
     #[arg(long)]
     backbone: Option<PathBuf>,
+    /// For --backbone files without a config: the open_clip model name (ViT-B-16 = GELU,
+    /// ViT-B-16-quickgelu = QuickGELU) or `openai` (OpenAI's weights).
+    #[arg(long, value_name = "NAME")]
+    arch: Option<String>,
     /// Output directory (written atomically).
     #[arg(long)]
     out: PathBuf,
@@ -113,7 +118,7 @@ fn run(a: Args) -> Result<()> {
                 bail!("--classes {file} needs a checkpoint; for zero-shot pass a file with one class name per line");
             }
             let names = capt_export::read_class_file(file.as_ref())?;
-            capt_export::zero_shot(bb, names, &a.template, a.local_grid)?
+            capt_export::zero_shot(bb, a.arch.as_deref(), names, &a.template, a.local_grid)?
         }
         (None, None) => bail!(
             "nothing to export: pass --checkpoint DIR (a trained run) or --backbone DIR --classes FILE (zero-shot CLIP)"

@@ -205,8 +205,13 @@ pub fn from_checkpoint(
     let method = state.config.method;
     let trains = method.trains();
     let dev = Device::Cpu;
-    let bb = Backbone::load(&BackboneSpec::Path(bb_path.clone()), CDType::F32, &dev)?;
     let cfg = state.backbone.config.clone();
+    let bb = Backbone::load_with_config(
+        &BackboneSpec::Path(bb_path.clone()),
+        Some(&cfg),
+        CDType::F32,
+        &dev,
+    )?;
     let scorer = evaluate::scorer_from_checkpoint(bb, &dir, &state, &class_names)?;
 
     let mut params = backbone_params(&bb_path, &cfg)?;
@@ -290,9 +295,11 @@ pub fn from_checkpoint(
     })
 }
 
-/// Zero-shot CLIP for `class_names` with `template` (`{}` = class name): no training.
+/// Zero-shot CLIP for `class_names` with `template` (`{}` = class name): no training. `arch`
+/// (`--arch`) names what a checkpoint without a config cannot tell (`capt_clip::arch_hint`).
 pub fn zero_shot(
     backbone: &Path,
+    arch: Option<&str>,
     class_names: Vec<String>,
     template: &str,
     local_grid: usize,
@@ -310,7 +317,8 @@ pub fn zero_shot(
     }
     let sha = capt_clip::backbone_hash(backbone)?;
     let dev = Device::Cpu;
-    let bb = Backbone::load(&BackboneSpec::Path(backbone.into()), CDType::F32, &dev)?;
+    let spec = BackboneSpec::Path(backbone.into()).with_arch(arch)?;
+    let bb = Backbone::load(&spec, CDType::F32, &dev)?;
     let cfg = bb.config.clone();
     let mut run = RunConfig::default();
     run.capt.bank.local_grid = local_grid;

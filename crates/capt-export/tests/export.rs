@@ -436,7 +436,7 @@ fn zero_shot_export_matches_capt_train_zeroshot() {
         .map(|s| s.to_string())
         .collect();
     let template = "a photo of a {}, a type of texture.";
-    let src = capt_export::zero_shot(&backbone_dir(), names.clone(), template, 4).unwrap();
+    let src = capt_export::zero_shot(&backbone_dir(), None, names.clone(), template, 4).unwrap();
     let out = tmp.path().join("zs");
     capt_export::export(&src, &ExportOptions::default(), &out).unwrap();
     let batch = images(src.spec.clip.vision.image_size as u32);

@@ -25,6 +25,9 @@ pub enum BackboneSpec {
     Tiny,
     /// An HF-format directory or a `.safetensors` state dict (see `ClipModel::load`).
     Path(PathBuf),
+    /// A checkpoint with an `--arch` name for what its files cannot tell (activation, head
+    /// width; `capt_clip::arch_hint`).
+    WithArch { path: PathBuf, arch: String },
 }
 
 impl BackboneSpec {
@@ -36,15 +39,34 @@ impl BackboneSpec {
         }
     }
 
+    /// This checkpoint with `--arch` (when given); `tiny` takes none.
+    pub fn with_arch(self, arch: Option<&str>) -> Result<Self> {
+        match (self, arch) {
+            (spec, None) => Ok(spec),
+            (BackboneSpec::Tiny, Some(a)) => Err(TrainError::Config(format!(
+                "--arch {a}: the tiny backbone has a fixed architecture; drop --arch"
+            ))),
+            (BackboneSpec::Path(path) | BackboneSpec::WithArch { path, .. }, Some(a)) => {
+                capt_clip::arch_hint(a)?;
+                Ok(BackboneSpec::WithArch {
+                    path,
+                    arch: a.to_string(),
+                })
+            }
+        }
+    }
+
     /// What `state.json` records as the backbone path (absolute when it exists, so a
     /// checkpoint finds its backbone from any working directory).
     pub fn display(&self) -> String {
         match self {
             BackboneSpec::Tiny => "tiny".into(),
-            BackboneSpec::Path(p) => std::fs::canonicalize(p)
-                .unwrap_or_else(|_| p.clone())
-                .display()
-                .to_string(),
+            BackboneSpec::Path(p) | BackboneSpec::WithArch { path: p, .. } => {
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string()
+            }
         }
     }
 }
@@ -137,15 +159,29 @@ pub struct Backbone {
 
 impl Backbone {
     pub fn load(spec: &BackboneSpec, dtype: DType, device: &Device) -> Result<Self> {
-        match spec {
-            BackboneSpec::Tiny => Self::random(&ClipConfig::tiny(), TINY_SEED, true, dtype, device),
-            BackboneSpec::Path(p) => {
-                let model = ClipModel::load(p, dtype, device)?;
-                let sha256 = capt_clip::backbone_hash(p)?;
-                let config = model.config().clone();
-                Self::from_model(model, spec.display(), sha256, config, device)
+        Self::load_with_config(spec, None, dtype, device)
+    }
+
+    /// [`Self::load`] with the architecture known already (a checkpoint's recorded
+    /// `backbone.config`: a run reloads its backbone as it trained on it, `--arch` included).
+    pub fn load_with_config(
+        spec: &BackboneSpec,
+        config: Option<&ClipConfig>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (p, arch) = match spec {
+            BackboneSpec::Tiny => {
+                return Self::random(&ClipConfig::tiny(), TINY_SEED, true, dtype, device)
             }
-        }
+            BackboneSpec::Path(p) => (p, None),
+            BackboneSpec::WithArch { path, arch } => (path, Some(arch.as_str())),
+        };
+        let opts = capt_clip::LoadOptions { config, arch };
+        let model = ClipModel::load_with(p, &opts, dtype, device)?;
+        let sha256 = capt_clip::backbone_hash(p)?;
+        let config = model.config().clone();
+        Self::from_model(model, spec.display(), sha256, config, device)
     }
 
     fn from_model(

@@ -550,7 +550,8 @@ pub fn evaluate(args: &EvalArgs) -> Result<(Report, PathBuf)> {
             ))
         }
     };
-    let backbone = Backbone::load(&spec, args.dtype, &args.device)?;
+    let recorded = state.as_ref().map(|st| &st.backbone.config);
+    let backbone = Backbone::load_with_config(&spec, recorded, args.dtype, &args.device)?;
     if let (Some(st), Some(dir)) = (&state, &ckpt_dir) {
         backbone.check_matches(&st.backbone, dir)?;
     }

@@ -151,9 +151,13 @@ struct FitCli {
     /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
     #[arg(long, value_name = "FILE")]
     split_file: Option<PathBuf>,
-    /// CLIP checkpoint (HF folder or .safetensors), or `tiny` (random test model).
+    /// CLIP checkpoint: HF folder, .safetensors, or PyTorch .pt/.bin (e.g. OpenAI's ViT-B-16.pt); or `tiny` (random test model).
     #[arg(long, value_name = "DIR|tiny")]
     backbone: String,
+    /// For a checkpoint without a config (an open_clip or OpenAI state dict): the open_clip
+    /// model name (ViT-B-16 = GELU, ViT-B-16-quickgelu = QuickGELU) or `openai`.
+    #[arg(long, value_name = "NAME")]
+    arch: Option<String>,
     #[command(flatten)]
     cfg: ConfigArgs,
     /// Run seed (few-shot sampling, initialisation, batch order); default: first of data.seeds.
@@ -228,9 +232,13 @@ struct ZeroshotCli {
     /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
     #[arg(long, value_name = "FILE")]
     split_file: Option<PathBuf>,
-    /// CLIP checkpoint (HF folder or .safetensors), or `tiny` (random test model).
+    /// CLIP checkpoint: HF folder, .safetensors, or PyTorch .pt/.bin (e.g. OpenAI's ViT-B-16.pt); or `tiny` (random test model).
     #[arg(long, value_name = "DIR|tiny")]
     backbone: String,
+    /// For a checkpoint without a config (an open_clip or OpenAI state dict): the open_clip
+    /// model name (ViT-B-16 = GELU, ViT-B-16-quickgelu = QuickGELU) or `openai`.
+    #[arg(long, value_name = "NAME")]
+    arch: Option<String>,
     /// train, val or test.
     #[arg(long, default_value = "test", value_parser = parse_split)]
     split: Split,
@@ -271,9 +279,13 @@ struct B2nCli {
     /// after `split_zhou_` (e.g. `split_mini_{name}.json`); relative to each dataset folder.
     #[arg(long, value_name = "TEMPLATE")]
     split_file: Option<String>,
-    /// CLIP checkpoint (HF folder or .safetensors), or `tiny` (random test model).
+    /// CLIP checkpoint: HF folder, .safetensors, or PyTorch .pt/.bin (e.g. OpenAI's ViT-B-16.pt); or `tiny` (random test model).
     #[arg(long, value_name = "DIR|tiny")]
     backbone: String,
+    /// For a checkpoint without a config (an open_clip or OpenAI state dict): the open_clip
+    /// model name (ViT-B-16 = GELU, ViT-B-16-quickgelu = QuickGELU) or `openai`.
+    #[arg(long, value_name = "NAME")]
+    arch: Option<String>,
     #[command(flatten)]
     cfg: ConfigArgs,
     /// Output folder: one run folder per dataset/method/seed, b2n.md and b2n.csv.
@@ -418,7 +430,7 @@ fn run_fit(a: FitCli) -> anyhow::Result<ExitCode> {
         root: a.root,
         split_file: a.split_file,
         config,
-        backbone: BackboneSpec::parse(&a.backbone),
+        backbone: BackboneSpec::parse(&a.backbone).with_arch(a.arch.as_deref())?,
         device: parse_device(&a.device.device)?,
         dtype: parse_dtype(&a.device.dtype)?,
         seed,
@@ -507,7 +519,7 @@ fn run_zeroshot(a: ZeroshotCli) -> anyhow::Result<ExitCode> {
         split: a.split,
         subsample: Some(a.subsample),
         baseline: a.baseline,
-        backbone: Some(BackboneSpec::parse(&a.backbone)),
+        backbone: Some(BackboneSpec::parse(&a.backbone).with_arch(a.arch.as_deref())?),
         device: parse_device(&a.device.device)?,
         dtype: parse_dtype(&a.device.dtype)?,
         out: a.out,
@@ -527,7 +539,7 @@ fn run_b2n(a: B2nCli) -> anyhow::Result<ExitCode> {
         root: a.root,
         split_file: a.split_file,
         config,
-        backbone: BackboneSpec::parse(&a.backbone),
+        backbone: BackboneSpec::parse(&a.backbone).with_arch(a.arch.as_deref())?,
         device: parse_device(&a.device.device)?,
         dtype: parse_dtype(&a.device.dtype)?,
         out: a.out,

@@ -68,18 +68,7 @@ fn coop_fit_lowers_the_loss_and_eval_writes_the_report() {
     }
 
     let ev = dir.path().join("eval");
-    let root = data_root().display().to_string();
-    let r = capt_train(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--dataset",
-        "dtd",
-        "--root",
-        &root,
-        "--out",
-        ev.to_str().unwrap(),
-    ]);
+    let r = common::eval(&out, &ev, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let report: serde_json::Value = serde_json::from_slice(&read(&ev.join("report.json"))).unwrap();
     assert_eq!(report["method"], "coop");
@@ -352,4 +341,30 @@ fn deep_text_visual_and_class_specific_prompts_train_and_evaluate() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(ev.join("report.json").is_file());
+}
+
+/// A PyTorch state dict with `--arch` trains; evaluation reloads the backbone as recorded
+/// (no `--arch` needed again), and without `--arch` the ambiguous file is refused by name.
+#[test]
+fn openai_state_dict_with_arch_trains_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pt = common::repo().join("tests/fixtures/clip/openai-tiny/state_dict.pt");
+    let pt = pt.to_str().unwrap();
+    let out = dir.path().join("run");
+    let r = fit_with(&common::tiny_config(), pt, &out, &["--epochs", "1"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("--arch") && r.stderr.contains("state_dict.pt"),
+        "{}",
+        r.stderr
+    );
+    let r = fit_with(
+        &common::tiny_config(),
+        pt,
+        &out,
+        &["--epochs", "1", "--arch", "openai"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = common::eval(&out, &dir.path().join("eval"), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

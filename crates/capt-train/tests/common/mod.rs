@@ -64,6 +64,26 @@ pub fn fit_with(config: &Path, backbone: &str, out: &Path, extra: &[&str]) -> Ru
     capt_train(&args)
 }
 
+/// `capt-train eval` of `checkpoint` on the DTD fixture into `out`, plus `extra`.
+pub fn eval(checkpoint: &Path, out: &Path, extra: &[&str]) -> Run {
+    let (ckpt, out) = (checkpoint.display().to_string(), out.display().to_string());
+    let root = data_root().display().to_string();
+    let mut args = vec![
+        "eval",
+        "--checkpoint",
+        &ckpt,
+        "--dataset",
+        "dtd",
+        "--root",
+        &root,
+        "--out",
+        &out,
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    capt_train(&args)
+}
+
 pub fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
