@@ -33,6 +33,10 @@ pub struct Manifest {
     pub source_checkpoint_sha256: String,
     /// sha256 of the frozen CLIP backbone weights.
     pub backbone_sha256: String,
+    /// Where those weights came from: a path, or a hub model pinned to the commit it resolved
+    /// to (`openai/clip-vit-base-patch16@<commit>`). Empty in manifests written before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backbone: String,
     /// Tool and version that wrote the directory, e.g. "capt-export 0.1.0".
     pub created_by: String,
     /// What the graphs compute (`capt_model::ModelSpec` as JSON: architecture, method config,
@@ -295,6 +299,7 @@ mod tests {
             },
             source_checkpoint_sha256: "x".into(),
             backbone_sha256: "y".into(),
+            backbone: String::new(),
             created_by: "test".into(),
             model_spec: None,
             precision: "f32".into(),

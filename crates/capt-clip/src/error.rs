@@ -51,6 +51,10 @@ pub enum ClipError {
     #[error("{file}: {reason}")]
     UnknownFormat { file: PathBuf, reason: String },
 
+    /// A hub id that could not be resolved (`id` = `repo@revision`).
+    #[error("hub model {id}: {reason}")]
+    Hub { id: String, reason: String },
+
     /// An architecture fact (activation, head width) that neither the checkpoint nor `--arch`
     /// gives; `what` is the file or the `--arch` value.
     #[error("{what}: {reason}")]

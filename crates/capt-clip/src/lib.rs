@@ -12,6 +12,7 @@
 pub mod config;
 pub mod error;
 mod fast;
+pub mod hub;
 mod layers;
 pub mod load;
 pub mod model;

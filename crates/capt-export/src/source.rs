@@ -40,6 +40,8 @@ pub struct ExportSource {
     pub params: BTreeMap<String, HostTensor>,
     pub model_name: String,
     pub backbone_sha256: String,
+    /// The backbone as the checkpoint recorded it (a path, or `org/name@<commit>`).
+    pub backbone: String,
     /// Digest of the checkpoint folder's files (empty for zero-shot exports).
     pub source_checkpoint_sha256: String,
 }
@@ -145,9 +147,11 @@ fn resolve_backbone(recorded: &str, given: Option<&Path>, ckpt: &Path) -> Result
             ckpt.display()
         )));
     }
-    let p = given
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(recorded));
+    // A hub backbone is recorded as `org/name@<commit>`: the cache has it (or the hub does).
+    let p = match given {
+        Some(g) => g.to_path_buf(),
+        None => capt_clip::hub::local_path(recorded)?.0,
+    };
     if !p.exists() {
         return Err(ExportError::Input(format!(
             "the checkpoint's backbone {} does not exist; pass --backbone DIR pointing at the same CLIP weights",
@@ -291,6 +295,10 @@ pub fn from_checkpoint(
         class_names,
         params,
         backbone_sha256: sha,
+        backbone: match backbone {
+            Some(b) => b.display().to_string(),
+            None => state.backbone.path.clone(),
+        },
         source_checkpoint_sha256: checkpoint_digest(&dir)?,
     })
 }
@@ -309,12 +317,22 @@ pub fn zero_shot(
             "template {template:?} has no `{{}}` where the class name goes, e.g. \"a photo of a {{}}.\""
         )));
     }
-    if !backbone.exists() {
+    // A hub id resolves into the hub cache; the manifest records it pinned to its commit.
+    let (local, pinned) = capt_clip::hub::local_path(&backbone.to_string_lossy())?;
+    if !local.exists() {
         return Err(ExportError::Input(format!(
-            "backbone {} does not exist; pass an HF CLIP folder (config.json + model.safetensors)",
+            "backbone {} does not exist; pass an HF CLIP folder (config.json + model.safetensors), \
+             a weights file, or a hub id such as openai/clip-vit-base-patch16",
             backbone.display()
         )));
     }
+    let recorded = pinned.unwrap_or_else(|| {
+        std::fs::canonicalize(&local)
+            .unwrap_or_else(|_| local.clone())
+            .display()
+            .to_string()
+    });
+    let backbone = local.as_path();
     let sha = capt_clip::backbone_hash(backbone)?;
     let dev = Device::Cpu;
     let spec = BackboneSpec::Path(backbone.into()).with_arch(arch)?;
@@ -352,6 +370,7 @@ pub fn zero_shot(
         class_names,
         params,
         backbone_sha256: sha,
+        backbone: recorded,
         source_checkpoint_sha256: String::new(),
     })
 }

@@ -317,6 +317,7 @@ pub fn manifest(
             image_encoder: entry("image_encoder")?,
         },
         source_checkpoint_sha256: src.source_checkpoint_sha256.clone(),
+        backbone: src.backbone.clone(),
         backbone_sha256: src.backbone_sha256.clone(),
         created_by: format!("capt-export {}", env!("CARGO_PKG_VERSION")),
         model_spec: Some(src.spec.to_json()),

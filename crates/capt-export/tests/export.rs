@@ -250,6 +250,20 @@ fn export_is_byte_deterministic_and_atomic() {
             );
         }
     }
+    // capt.json says where the backbone came from (the checkpoint's record: a path here, a
+    // hub id pinned to its commit for hub backbones).
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("capt.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            capt_train::checkpoint::resolve(trained())
+                .unwrap()
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["backbone"], state["backbone"]["path"], "{m}");
     // An existing directory is kept unless --force; no temporary folders are left behind.
     let src = capt_export::from_checkpoint(trained(), None, &Classes::Trained).unwrap();
     let err = capt_export::export(&src, &ExportOptions::default(), &a).unwrap_err();

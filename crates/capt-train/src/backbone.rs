@@ -28,12 +28,20 @@ pub enum BackboneSpec {
     /// A checkpoint with an `--arch` name for what its files cannot tell (activation, head
     /// width; `capt_clip::arch_hint`).
     WithArch { path: PathBuf, arch: String },
+    /// A Hugging Face hub id (`org/name[@revision]`, not an existing local path), fetched into
+    /// the hub cache (`capt_clip::hub`); recorded as `org/name@<commit>`.
+    Hub {
+        id: capt_clip::hub::HubId,
+        arch: Option<String>,
+    },
 }
 
 impl BackboneSpec {
     pub fn parse(s: &str) -> Self {
         if s == "tiny" {
             BackboneSpec::Tiny
+        } else if let Some(id) = capt_clip::hub::HubId::parse(s) {
+            BackboneSpec::Hub { id, arch: None }
         } else {
             BackboneSpec::Path(PathBuf::from(s))
         }
@@ -53,6 +61,13 @@ impl BackboneSpec {
                     arch: a.to_string(),
                 })
             }
+            (BackboneSpec::Hub { id, .. }, Some(a)) => {
+                capt_clip::arch_hint(a)?;
+                Ok(BackboneSpec::Hub {
+                    id,
+                    arch: Some(a.to_string()),
+                })
+            }
         }
     }
 
@@ -67,6 +82,10 @@ impl BackboneSpec {
                     .display()
                     .to_string()
             }
+            BackboneSpec::Hub { id, .. } => match &id.revision {
+                Some(r) => format!("{}@{r}", id.repo),
+                None => id.repo.clone(),
+            },
         }
     }
 }
@@ -170,18 +189,24 @@ impl Backbone {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let (p, arch) = match spec {
+        let (p, arch, recorded) = match spec {
             BackboneSpec::Tiny => {
                 return Self::random(&ClipConfig::tiny(), TINY_SEED, true, dtype, device)
             }
-            BackboneSpec::Path(p) => (p, None),
-            BackboneSpec::WithArch { path, arch } => (path, Some(arch.as_str())),
+            BackboneSpec::Path(p) => (p.clone(), None, spec.display()),
+            BackboneSpec::WithArch { path, arch } => {
+                (path.clone(), Some(arch.as_str()), spec.display())
+            }
+            BackboneSpec::Hub { id, arch } => {
+                let r = capt_clip::hub::resolve(id, &capt_clip::hub::HubSettings::from_env())?;
+                (r.dir, arch.as_deref(), r.pinned)
+            }
         };
         let opts = capt_clip::LoadOptions { config, arch };
-        let model = ClipModel::load_with(p, &opts, dtype, device)?;
-        let sha256 = capt_clip::backbone_hash(p)?;
+        let model = ClipModel::load_with(&p, &opts, dtype, device)?;
+        let sha256 = capt_clip::backbone_hash(&p)?;
         let config = model.config().clone();
-        Self::from_model(model, spec.display(), sha256, config, device)
+        Self::from_model(model, recorded, sha256, config, device)
     }
 
     fn from_model(

@@ -327,18 +327,7 @@ fn deep_text_visual_and_class_specific_prompts_train_and_evaluate() {
     // No feature cache with vision prompts: the image tower runs every step.
     assert!(!out.join("feature-cache").exists());
     let ev = dir.path().join("ev");
-    let root = data_root().display().to_string();
-    let r = capt_train(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--dataset",
-        "dtd",
-        "--root",
-        &root,
-        "--out",
-        ev.to_str().unwrap(),
-    ]);
+    let r = common::eval(&out, &ev, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(ev.join("report.json").is_file());
 }
@@ -367,4 +356,54 @@ fn openai_state_dict_with_arch_trains_and_evaluates() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = common::eval(&out, &dir.path().join("eval"), &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// A hub id as the backbone, from a hub cache under HF_HUB_OFFLINE: the checkpoint records it
+/// pinned to the commit (`org/name@<commit>`), and evaluation reloads that commit from the
+/// cache with no network and no offline flag.
+#[test]
+fn hub_backbone_is_recorded_pinned_and_reloads_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("hf-home");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    common::hub_cache_with_tiny(&home, commit);
+    let out = dir.path().join("run");
+    let offline = std::path::Path::new("1");
+    let fit = |home: &std::path::Path| {
+        common::fit_env(
+            &common::tiny_config(),
+            "capt-test/tiny-clip",
+            &out,
+            &["--epochs", "1"],
+            &[("HF_HOME", home), ("HF_HUB_OFFLINE", offline)],
+        )
+    };
+    let r = fit(&home);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state: serde_json::Value =
+        serde_json::from_slice(&read(&out.join("checkpoint/state.json"))).unwrap();
+    assert_eq!(
+        state["backbone"]["path"],
+        format!("capt-test/tiny-clip@{commit}")
+    );
+    // Reload by the pinned commit: online settings, but the cache has it (no request made:
+    // HF_ENDPOINT points at a closed port).
+    let r = common::eval_env(
+        &out,
+        &dir.path().join("ev"),
+        &[],
+        &[
+            ("HF_HOME", &home),
+            ("HF_ENDPOINT", std::path::Path::new("http://127.0.0.1:9")),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // An empty cache offline: one line saying what to download.
+    let r = fit(&dir.path().join("empty"));
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("capt-test/tiny-clip") && r.stderr.contains("huggingface-cli download"),
+        "{}",
+        r.stderr
+    );
 }

@@ -24,16 +24,7 @@ pub struct Run {
 }
 
 pub fn capt_train(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_capt-train"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("capt-train runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    capt_train_env(args, &[])
 }
 
 /// `capt-train fit` on the DTD fixture with the tiny backbone and tiny.toml, plus `extra`.
@@ -43,6 +34,17 @@ pub fn fit(out: &Path, extra: &[&str]) -> Run {
 
 /// `capt-train fit` on the DTD fixture with the given config file and backbone, plus `extra`.
 pub fn fit_with(config: &Path, backbone: &str, out: &Path, extra: &[&str]) -> Run {
+    fit_env(config, backbone, out, extra, &[])
+}
+
+/// [`fit_with`] with extra environment variables.
+pub fn fit_env(
+    config: &Path,
+    backbone: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> Run {
     let out = out.display().to_string();
     let cfg = config.display().to_string();
     let root = data_root().display().to_string();
@@ -61,11 +63,16 @@ pub fn fit_with(config: &Path, backbone: &str, out: &Path, extra: &[&str]) -> Ru
         "--no-progress",
     ];
     args.extend_from_slice(extra);
-    capt_train(&args)
+    capt_train_env(&args, env)
 }
 
 /// `capt-train eval` of `checkpoint` on the DTD fixture into `out`, plus `extra`.
 pub fn eval(checkpoint: &Path, out: &Path, extra: &[&str]) -> Run {
+    eval_env(checkpoint, out, extra, &[])
+}
+
+/// [`eval`] with extra environment variables.
+pub fn eval_env(checkpoint: &Path, out: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Run {
     let (ckpt, out) = (checkpoint.display().to_string(), out.display().to_string());
     let root = data_root().display().to_string();
     let mut args = vec![
@@ -81,7 +88,7 @@ pub fn eval(checkpoint: &Path, out: &Path, extra: &[&str]) -> Run {
         "--no-progress",
     ];
     args.extend_from_slice(extra);
-    capt_train(&args)
+    capt_train_env(&args, env)
 }
 
 pub fn read(p: &Path) -> Vec<u8> {
@@ -97,4 +104,36 @@ pub fn names_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// A hub cache (`$HF_HOME/hub`) holding the tiny HF fixture as `capt-test/tiny-clip` at
+/// `main` = `commit`, laid out as hf-hub writes it (refs/, snapshots/).
+pub fn hub_cache_with_tiny(home: &Path, commit: &str) {
+    let repo = home.join("hub").join("models--capt-test--tiny-clip");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(repo_root_fixture(f), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+}
+
+fn repo_root_fixture(file: &str) -> PathBuf {
+    repo().join("tests/fixtures/clip/tiny-hf").join(file)
+}
+
+/// `capt-train` with extra environment variables.
+pub fn capt_train_env(args: &[&str], env: &[(&str, &Path)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_capt-train"));
+    cmd.args(args).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("capt-train runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
