@@ -203,6 +203,14 @@ fn truncated_or_foreign_pytorch_files_are_named() {
         msg.contains("other.pt") && msg.contains("data.pkl"),
         "{msg}"
     );
+    // A readable PyTorch file of another model (a small ResNet-like state dict).
+    let msg = ClipModel::load(&dir().join("not_clip.pt"), DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("not_clip.pt") && msg.contains("not a CLIP state dict"),
+        "{msg}"
+    );
     // A pre-1.6 torch.save file (a bare pickle).
     let old = tmp.path().join("old.pth");
     std::fs::write(&old, b"\x80\x02}q\x00.").unwrap();
