@@ -204,7 +204,7 @@ fn truncated_or_foreign_pytorch_files_are_named() {
         "{msg}"
     );
     // A readable PyTorch file of another model (a small ResNet-like state dict).
-    let msg = ClipModel::load(&dir().join("not_clip.pt"), DType::F32, &Device::Cpu)
+    let msg = ClipModel::load(dir().join("not_clip.pt"), DType::F32, &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(
