@@ -2,8 +2,11 @@
 //! autograd-safe candle ops (so prompt gradients flow), with slots for learned prompt
 //! embeddings, deep prompts and visual prompts, and loading of HF-format / OpenAI checkpoints.
 //!
-//! - [`ClipModel::load`] reads HF directories and OpenAI / open_clip safetensors state dicts;
+//! - [`ClipModel::load`] reads HF directories, OpenAI / open_clip state dicts (safetensors or
+//!   `torch.save`) and OpenAI's TorchScript `.pt` files ([`torch_file`]);
+//!   [`ClipModel::load_with`] takes an `--arch` for files that do not say their activation;
 //!   [`ClipModel::new`] builds from any `VarBuilder` with HF tensor names.
+//! - [`hub`]: Hugging Face hub ids resolved into the standard hub cache.
 //! - [`ClipTextTower`]: `forward_ids`, `forward_embeds` (learned prompts, deep prompts),
 //!   `build_prompts` (context spliced after SOT).
 //! - [`ClipVisionTower`]: global + local projected features, deep visual prompts.
