@@ -1,6 +1,6 @@
 //! Hugging Face hub ids as backbones: `openai/clip-vit-base-patch16[@revision]` resolved through
 //! the `hf-hub` crate into its standard cache (`$HF_HOME/hub`, default
-//! `~/.cache/huggingface/hub`), from `$HF_ENDPOINT` (default https://huggingface.co), or from
+//! `~/.cache/huggingface/hub`), from `$HF_ENDPOINT` (default `https://huggingface.co`), or from
 //! the cache alone under `HF_HUB_OFFLINE=1`.
 //!
 //! A resolved backbone is recorded as `<repo>@<commit>` (the revision the hub answered with),
@@ -185,7 +185,8 @@ fn sha256_hex(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Resolves `id` into the local cache: the weights (the first of [`WEIGHTS`] the repo has)
+/// Resolves `id` into the local cache: the weights (the first of `model.safetensors`,
+/// `open_clip_model.safetensors`, `pytorch_model.bin`, `open_clip_pytorch_model.bin` the repo has)
 /// and its configs. Online, the hub is asked for the revision's commit (a cached copy is used
 /// when that commit is complete in the cache); offline, the cache alone answers.
 pub fn resolve(id: &HubId, settings: &HubSettings) -> Result<Resolved> {
