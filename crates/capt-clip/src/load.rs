@@ -241,6 +241,18 @@ pub fn detect_format(keys: &BTreeSet<String>, file: &Path) -> Result<CheckpointF
         || keys.iter().any(|k| k.starts_with("vision_model."))
     {
         Ok(CheckpointFormat::HuggingFace)
+    } else if keys
+        .iter()
+        .any(|k| k.starts_with("visual.attnpool.") || k.starts_with("visual.layer1."))
+    {
+        // OpenAI's RN50 / RN101 / RN50x4...: a modified ResNet image tower with attention
+        // pooling, not a ViT.
+        Err(ClipError::UnknownFormat {
+            file: file.to_path_buf(),
+            reason: "a ResNet CLIP (OpenAI's RN50 / RN101 / RN50x*: `visual.layer1.*`, \
+                     `visual.attnpool.*`); capt supports ViT CLIPs (ViT-B/32, ViT-B/16, ViT-L/14, ...)"
+                .into(),
+        })
     } else if keys.contains("token_embedding.weight") || keys.contains("visual.conv1.weight") {
         Ok(CheckpointFormat::OpenAi)
     } else {

@@ -211,6 +211,28 @@ fn truncated_or_foreign_pytorch_files_are_named() {
         msg.contains("not_clip.pt") && msg.contains("not a CLIP state dict"),
         "{msg}"
     );
+    // OpenAI's ResNet CLIPs have OpenAI names but another image tower: named as such.
+    let rn = tmp.path().join("RN50.safetensors");
+    let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> = [
+        ("token_embedding.weight".to_string(), z(&[10, 8])),
+        ("visual.conv1.weight".to_string(), z(&[4, 3, 3, 3])),
+        ("visual.layer1.0.conv1.weight".to_string(), z(&[4, 4, 1, 1])),
+        (
+            "visual.attnpool.positional_embedding".to_string(),
+            z(&[5, 8]),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&tensors, &rn).unwrap();
+    let msg = ClipModel::load(&rn, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("RN50.safetensors") && msg.contains("ResNet CLIP"),
+        "{msg}"
+    );
     // A pre-1.6 torch.save file (a bare pickle).
     let old = tmp.path().join("old.pth");
     std::fs::write(&old, b"\x80\x02}q\x00.").unwrap();
