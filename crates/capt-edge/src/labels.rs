@@ -3,7 +3,7 @@
 //! New classes get `t_c` from the exported `text_encoder.onnx` (learned contexts baked in),
 //! candidates from the text-similarity prior over the zero-shot embeddings, SEM pair
 //! embeddings from the same encoder and empty confusion cells — as the method specifies
-//! (CAPT-METHOD.md §6). The existing classes keep their tables (their bank counts are not part
+//! (docs/METHOD.md §6). The existing classes keep their tables (their bank counts are not part
 //! of the export); a removed class is replaced in other classes' candidate lists by the
 //! strongest prior partner. The classifier is then re-emitted from its own parameters by the
 //! very graph code the exporter used (`capt_model::graphs::classifier`), written under a new

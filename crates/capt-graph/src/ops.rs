@@ -3,7 +3,7 @@
 use crate::{DType, Error, HostTensor, Result};
 
 /// The small set of tensor ops that the CLIP encoder and the CAPT head (SEM, SAM,
-/// Diff-Manner Adapter, MGDE; CAPT-METHOD.md §2-§4, §6) are written with.
+/// Diff-Manner Adapter, MGDE; docs/METHOD.md §2-§4, §6) are written with.
 ///
 /// One generic forward pass over `Ops` is executed by candle ([`crate::CandleOps`], training and
 /// parity) and emitted as an ONNX graph (`capt_onnx::OnnxBuilder`, export), so the two cannot

@@ -1,4 +1,4 @@
-//! The Confusion Bank (CAPT-METHOD.md §1): which classes a model confuses, how often, and
+//! The Confusion Bank (docs/METHOD.md §1): which classes a model confuses, how often, and
 //! with which training samples. Counts live in a dense `C x C` matrix; every (true, confused)
 //! cell is a ring buffer of at most `M` indices into one capped pool of sample features, so
 //! a feature stored for a cell is stored once and evicted once.

@@ -1,4 +1,4 @@
-//! CAPT configuration: every default is the value fixed by `CAPT-METHOD.md`. Loaded from
+//! CAPT configuration: every default is the value fixed by `docs/METHOD.md`. Loaded from
 //! TOML (unknown keys rejected so typos do not silently fall back to defaults) and
 //! validated as a whole.
 

@@ -1,4 +1,4 @@
-//! The optional descriptions file of the Semantic Confusion Miner (CAPT-METHOD.md §2): JSON
+//! The optional descriptions file of the Semantic Confusion Miner (docs/METHOD.md §2): JSON
 //! whose keys are a class name (`"beagle": [...]`) or an ordered pair (`"beagle|basset
 //! hound": [...]`) and whose values are sentences, e.g. written offline by an LLM. Their
 //! sentence embeddings are averaged and added to the learned embeddings of that class/pair.

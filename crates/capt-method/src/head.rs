@@ -1,4 +1,4 @@
-//! The CAPT inference head (CAPT-METHOD.md §2-§4, §6): base logits, the Semantic Confusion
+//! The CAPT inference head (docs/METHOD.md §2-§4, §6): base logits, the Semantic Confusion
 //! Miner's pair selection, the Sample Confusion Miner's retrieval with the Diff-Manner
 //! Adapter, and the Multi-Granularity Discrepancy Expert.
 //!

@@ -1,5 +1,5 @@
 //! `capt-method` owns the CAPT method itself, independent of any tensor engine where it can
-//! be: the method configuration with every default of `CAPT-METHOD.md`, the Confusion Bank
+//! be: the method configuration with every default of `docs/METHOD.md`, the Confusion Bank
 //! (counts, near misses, ring-buffer cells over a capped feature pool, the text-similarity
 //! prior), and the confusion metrics (top-1, macro-F1, base/novel/HM, Correction Rate,
 //! heatmaps) that judge it.

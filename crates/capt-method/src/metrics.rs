@@ -1,4 +1,4 @@
-//! Evaluation metrics (CAPT-METHOD.md §7): top-1, macro-F1, base/novel harmonic mean, the
+//! Evaluation metrics (docs/METHOD.md §7): top-1, macro-F1, base/novel harmonic mean, the
 //! confusion matrix, confusable pairs of a baseline and the Correction Rate against it. (The
 //! confusion heatmaps are drawn by capt-train's report code.)
 

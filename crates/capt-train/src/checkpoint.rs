@@ -1,4 +1,4 @@
-//! Checkpoints (layout fixed in notes/head_contract.md): a folder per completed epoch
+//! Checkpoints (this module owns the layout): a folder per completed epoch
 //! `OUT/epoch-NNN/` holding `learned.safetensors`, `bank.safetensors` (CAPT methods),
 //! `tables.safetensors`, `state.json` and `optim.safetensors`; `OUT/LATEST` names the newest
 //! one, and the finished run is also `OUT/checkpoint/`.

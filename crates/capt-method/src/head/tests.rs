@@ -1,5 +1,5 @@
 //! Tests of the head executed by candle on CPU, against hand computations and a plain-Rust
-//! f64 reference of CAPT-METHOD.md §2-§4.
+//! f64 reference of docs/METHOD.md §2-§4.
 
 use std::collections::BTreeMap;
 
