@@ -167,7 +167,7 @@ pub fn check_io_names(
 pub fn warm_up(backend: &dyn Backend, model: &ModelDir) -> Result<(), BackendError> {
     let crop = model.manifest.preprocess.crop as usize;
     let batch = ImageBatch {
-        data: vec![0.0; 3 * crop * crop],
+        data: vec![0.0; model.manifest.preprocess.image_len()],
         n: 1,
         height: crop,
         width: crop,
@@ -213,7 +213,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Deterministic test/bench input, exactly representable in f32 so every engine (and the
 /// Python fixture generator) sees the same bits: `x[i] = ((i*7919) % 255) / 255 - 0.5`.
 pub fn synthetic_batch(n: usize, size: usize) -> ImageBatch {
-    let data = (0..n * 3 * size * size)
+    let data = (0..n * capt_core::chw_len(size))
         .map(|i| ((i as u64 * 7919) % 255) as f32 / 255.0 - 0.5)
         .collect();
     ImageBatch {

@@ -15,5 +15,7 @@
 pub mod preprocess;
 pub mod tokenizer;
 
-pub use preprocess::{decode_image, load_image, ImageBatch, PreprocessConfig, PreprocessError};
+pub use preprocess::{
+    chw_len, decode_image, load_image, ImageBatch, PreprocessConfig, PreprocessError,
+};
 pub use tokenizer::{ClipTokenizer, TokenBatch, TokenizerError};

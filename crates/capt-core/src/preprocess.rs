@@ -90,9 +90,19 @@ pub struct ImageBatch {
     pub width: usize,
 }
 
+/// Floats in one CHW image of `side x side` pixels (3 channels).
+pub fn chw_len(side: usize) -> usize {
+    3 * side * side
+}
+
 impl ImageBatch {
     pub fn shape(&self) -> [usize; 4] {
         [self.n, 3, self.height, self.width]
+    }
+
+    /// Floats per image (`3 * height * width`).
+    pub fn image_len(&self) -> usize {
+        3 * self.height * self.width
     }
 }
 
@@ -282,6 +292,11 @@ fn read_file(path: &Path) -> Result<Vec<u8>, PreprocessError> {
 }
 
 impl PreprocessConfig {
+    /// Floats in one preprocessed image (`3 * crop * crop`).
+    pub fn image_len(&self) -> usize {
+        chw_len(self.crop as usize)
+    }
+
     /// OpenAI CLIP preprocessing at `size` pixels.
     pub fn clip(size: u32) -> Self {
         Self {
@@ -368,7 +383,7 @@ impl PreprocessConfig {
     /// [`resize_crop_with_alpha`](Self::resize_crop_with_alpha)); returns CHW floats.
     pub fn preprocess_with_alpha(&self, img: &DynamicImage) -> Vec<f32> {
         let cropped = self.resize_crop_with_alpha(img);
-        let mut out = vec![0.0; 3 * (self.crop * self.crop) as usize];
+        let mut out = vec![0.0; self.image_len()];
         self.normalize_into(&cropped, &mut out);
         out
     }
@@ -426,14 +441,14 @@ impl PreprocessConfig {
     /// Full test-time transform of one image: resize, crop, normalise; returns CHW floats.
     pub fn preprocess(&self, img: &RgbImage) -> Vec<f32> {
         let cropped = self.center_crop(&self.resize_shorter_side(img));
-        let mut out = vec![0.0; 3 * (self.crop * self.crop) as usize];
+        let mut out = vec![0.0; self.image_len()];
         self.normalize_into(&cropped, &mut out);
         out
     }
 
     /// Preprocesses several images into one NCHW batch.
     pub fn batch(&self, images: &[RgbImage]) -> ImageBatch {
-        let per = 3 * (self.crop * self.crop) as usize;
+        let per = self.image_len();
         let mut data = Vec::with_capacity(per * images.len());
         for img in images {
             data.extend_from_slice(&self.preprocess(img));

@@ -260,7 +260,7 @@ impl FeatureCache {
                     .map_err(|source| DataError::Image { entry, source })?;
                 // A view is a function of (seed, image content, view index) only.
                 let stream = u64::from_str_radix(&p.sha[..16], 16).expect("hex digest");
-                let mut data = Vec::with_capacity(views * 3 * side * side);
+                let mut data = Vec::with_capacity(views * capt_core::chw_len(side));
                 for v in 0..views {
                     let mut rng = view_rng(self.cfg.aug_seed, stream, v as u64);
                     data.extend(self.cfg.augment.augment_chw(&img, &mut rng));

@@ -164,7 +164,7 @@ impl DataLoader {
             .par_iter()
             .map(|&i| self.load_one(i, epoch))
             .collect::<Result<_>>()?;
-        let mut data = Vec::with_capacity(tensors.len() * 3 * side * side);
+        let mut data = Vec::with_capacity(tensors.len() * capt_core::chw_len(side));
         for t in tensors {
             data.extend_from_slice(&t);
         }

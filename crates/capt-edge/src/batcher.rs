@@ -290,7 +290,7 @@ fn run_batch(s: &Shared, jobs: Vec<Job>) {
 /// Runs `n` images in backend calls of at most `max_batch` (one oversized request may exceed
 /// it), shielding the worker from a panicking backend.
 fn run_chunks(s: &Shared, data: Vec<f32>, n: usize) -> Result<ClassifierOutput, BatchError> {
-    let per = 3 * s.crop * s.crop;
+    let per = capt_core::chw_len(s.crop);
     let mut out = ClassifierOutput {
         n: 0,
         classes: 0,

@@ -132,7 +132,7 @@ pub fn decode_all(
     pre: &PreprocessConfig,
 ) -> Result<Decoded, InputError> {
     check_count(images.len(), limits)?;
-    let per = 3 * (pre.crop as usize) * (pre.crop as usize);
+    let per = pre.image_len();
     let mut pixels = Vec::with_capacity(per * images.len());
     for img in images {
         pixels.extend(decode_one(&img.bytes, &img.name, limits, pre)?);

@@ -450,7 +450,7 @@ pub fn forward(args: &ForwardArgs) -> Result<ForwardReport> {
     let batch = args.batch.max(1);
     let mut r = rng::rng(11, rng::stream::INIT, 0);
     let pixels = Tensor::from_vec(
-        rng::normal(&mut r, batch * 3 * size * size, 1.0),
+        rng::normal(&mut r, batch * capt_core::chw_len(size), 1.0),
         (batch, 3, size, size),
         &Device::Cpu,
     )?;

@@ -268,7 +268,7 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
         let started = Instant::now();
         let mut acc_n = 0usize;
         let mut seen = 0usize;
-        let mut sums = [0f64; 7]; // loss ce ce_base kg lb grad_norm grad_pairs
+        let mut sums = EpochSums::default();
         for b in 0..batches {
             let idx = &order[b * bs..((b + 1) * bs).min(n)];
             let feats = images.batch(&model, idx, epoch, true)?;
@@ -302,21 +302,17 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
                 .filter(|(p, y)| **p == **y as usize)
                 .count();
             seen += labels.len();
-            for (s, v) in sums.iter_mut().zip([
-                loss,
-                outp.ce as f64,
-                outp.ce_base as f64,
-                outp.kg as f64,
-                outp.lb as f64,
-                st.grad_norm,
-                outp.grad_pairs as f64,
-            ]) {
-                *s += v;
-            }
+            sums.loss += loss;
+            sums.ce += outp.ce as f64;
+            sums.ce_base += outp.ce_base as f64;
+            sums.kg += outp.kg as f64;
+            sums.lb += outp.lb as f64;
+            sums.grad_norm += st.grad_norm;
+            sums.grad_pairs += outp.grad_pairs as f64;
             let k = (b + 1) as f64;
             bar.set_message(format!(
                 "loss {:.4} acc {:.1}% lr {:.2e}",
-                sums[0] / k,
+                sums.loss / k,
                 100.0 * acc_n as f64 / seen as f64,
                 lr
             ));
@@ -335,14 +331,14 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
             epoch: epoch + 1,
             lr,
             steps: batches,
-            loss: sums[0] / k,
+            loss: sums.loss / k,
             acc: 100.0 * acc_n as f64 / seen.max(1) as f64,
-            ce: sums[1] / k,
-            ce_base: sums[2] / k,
-            kg: sums[3] / k,
-            lb: sums[4] / k,
-            grad_norm: sums[5] / k,
-            grad_pairs: sums[6] / k,
+            ce: sums.ce / k,
+            ce_base: sums.ce_base / k,
+            kg: sums.kg / k,
+            lb: sums.lb / k,
+            grad_norm: sums.grad_norm / k,
+            grad_pairs: sums.grad_pairs / k,
             seconds: started.elapsed().as_secs_f64(),
             ms_per_step: 1000.0 * train_secs / k,
             bank: bank_stats,
@@ -594,6 +590,18 @@ fn restore(
         *cache = Some(restored);
     }
     Ok(())
+}
+
+/// Per-step values summed over an epoch (their means go to `log.jsonl`).
+#[derive(Debug, Default)]
+struct EpochSums {
+    loss: f64,
+    ce: f64,
+    ce_base: f64,
+    kg: f64,
+    lb: f64,
+    grad_norm: f64,
+    grad_pairs: f64,
 }
 
 const LOG: &str = "log.jsonl";
