@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
-use sha2::{Digest, Sha256};
 
 use crate::error::{ClipError, Result};
 
@@ -177,14 +176,6 @@ fn remove_partials(settings: &HubSettings, id: &HubId) {
     }
 }
 
-/// The sha256 of a file, hex.
-fn sha256_hex(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Resolves `id` into the local cache: the weights (the first of `model.safetensors`,
 /// `open_clip_model.safetensors`, `pytorch_model.bin`, `open_clip_pytorch_model.bin` the repo has)
 /// and its configs. Online, the hub is asked for the revision's commit (a cached copy is used
@@ -273,7 +264,7 @@ pub fn resolve(id: &HubId, settings: &HubSettings) -> Result<Resolved> {
                     .parent()
                     .map(|d| d.join(&target))
                     .unwrap_or(target.clone());
-                let got = sha256_hex(&blob)
+                let got = crate::load::backbone_hash(&blob)
                     .map_err(|e| hub_err(id, format!("cannot read {}: {e}", blob.display())))?;
                 if got != etag {
                     let _ = std::fs::remove_file(&blob);

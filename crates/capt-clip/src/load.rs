@@ -407,33 +407,34 @@ pub fn infer_config(
 /// safetensors, or a PyTorch zip archive (`torch.save` state dict, TorchScript as OpenAI's
 /// `.pt` files; [`crate::torch_file`]).
 fn read_weights(file: &Path) -> Result<(HashMap<String, Tensor>, bool)> {
-    std::fs::metadata(file).map_err(|source| ClipError::Io {
-        path: file.to_path_buf(),
-        source,
-    })?;
+    use crate::torch_file::{Container, TorchFileKind};
     let mut openai_jit = false;
-    let raw = if crate::torch_file::is_torch_zip(file)? {
-        let (tensors, kind) = crate::torch_file::read_torch_file(file)?;
-        tracing::debug!(file = %file.display(), ?kind, "read PyTorch checkpoint");
-        // OpenAI's released files are TorchScript of their own `clip.model.CLIP`.
-        openai_jit = matches!(&kind, crate::torch_file::TorchFileKind::TorchScript { class }
-            if class.starts_with("__torch__.clip.model") && class.ends_with(".CLIP"));
-        tensors
-    } else if crate::torch_file::is_legacy_pickle(file) {
-        return Err(ClipError::UnknownFormat {
-            file: file.to_path_buf(),
-            reason: "a PyTorch file in the pre-1.6 pickle format, which capt does not read: \
-                     re-save it with a current torch (`torch.save(torch.load(f), f)`) or as \
-                     safetensors (`safetensors.torch.save_file`)"
-                .into(),
-        });
-    } else {
-        candle_core::safetensors::load(file, &Device::Cpu).map_err(|source| {
-            ClipError::Safetensors {
+    let raw = match crate::torch_file::sniff(file)? {
+        Container::TorchZip => {
+            let (tensors, kind) = crate::torch_file::read_torch_file(file)?;
+            tracing::debug!(file = %file.display(), ?kind, "read PyTorch checkpoint");
+            // OpenAI's released files are TorchScript of their own `clip.model.CLIP`.
+            openai_jit = matches!(&kind, TorchFileKind::TorchScript { class }
+                if class.starts_with("__torch__.clip.model") && class.ends_with(".CLIP"));
+            tensors
+        }
+        Container::LegacyPickle => {
+            return Err(ClipError::UnknownFormat {
                 file: file.to_path_buf(),
-                source,
-            }
-        })?
+                reason: "a PyTorch file in the pre-1.6 pickle format, which capt does not read: \
+                         re-save it with a current torch (`torch.save(torch.load(f), f)`) or as \
+                         safetensors (`safetensors.torch.save_file`)"
+                    .into(),
+            })
+        }
+        Container::Other => {
+            candle_core::safetensors::load(file, &Device::Cpu).map_err(|source| {
+                ClipError::Safetensors {
+                    file: file.to_path_buf(),
+                    source,
+                }
+            })?
+        }
     };
     let all_module = !raw.is_empty() && raw.keys().all(|k| k.starts_with("module."));
     let tensors = raw

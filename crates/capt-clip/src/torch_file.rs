@@ -21,25 +21,35 @@ use crate::error::{ClipError, Result};
 /// `PK\x03\x04`: every zip archive, so every torch.save / torch.jit.save file since torch 1.6.
 const ZIP_MAGIC: [u8; 4] = *b"PK\x03\x04";
 
-/// Whether `file` is a zip archive (a PyTorch checkpoint) rather than safetensors.
-pub fn is_torch_zip(file: &Path) -> Result<bool> {
+/// A weights file as its first bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Container {
+    /// A zip archive: `torch.save` / `torch.jit.save` since torch 1.6.
+    TorchZip,
+    /// A bare pickle (`\x80` + protocol): PyTorch's pre-1.6 `torch.save` format, not read here.
+    LegacyPickle,
+    /// Anything else (safetensors is read as such, and names its own errors).
+    Other,
+}
+
+/// Reads the first bytes of `file` once to tell its container.
+pub fn sniff(file: &Path) -> Result<Container> {
     let mut f = std::fs::File::open(file).map_err(|source| ClipError::Io {
         path: file.to_path_buf(),
         source,
     })?;
     let mut head = [0u8; 4];
-    Ok(f.read_exact(&mut head).is_ok() && head == ZIP_MAGIC)
-}
-
-/// Whether `file` starts like a bare pickle (`\x80` + protocol): PyTorch's pre-1.6 `torch.save`
-/// format, which is not read here.
-pub fn is_legacy_pickle(file: &Path) -> bool {
-    let mut head = [0u8; 2];
-    std::fs::File::open(file)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && head[0] == 0x80
-        && (2..=5).contains(&head[1])
+    let n = f.read(&mut head).map_err(|source| ClipError::Io {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    Ok(if n == 4 && head == ZIP_MAGIC {
+        Container::TorchZip
+    } else if n >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        Container::LegacyPickle
+    } else {
+        Container::Other
+    })
 }
 
 /// What kind of PyTorch file was read.
