@@ -140,16 +140,7 @@ fn run(a: Args) -> Result<()> {
         },
         force: a.force,
     };
-    let bar = if a.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(capt_export::export_steps(&opts) as u64)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("export [{bar:30}] {pos}/{len} {msg} [{elapsed}]")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = capt_train::progress::bar(!a.no_progress, capt_export::export_steps(&opts), "export");
     let r = capt_export::export_with_progress(&src, &opts, &a.out, &mut |what| {
         bar.set_message(what.to_string());
         bar.inc(1);

@@ -326,16 +326,11 @@ pub fn zero_shot(
             backbone.display()
         )));
     }
-    let recorded = pinned.unwrap_or_else(|| {
-        std::fs::canonicalize(&local)
-            .unwrap_or_else(|_| local.clone())
-            .display()
-            .to_string()
-    });
+    let spec = BackboneSpec::Path(local.clone()).with_arch(arch)?;
+    let recorded = pinned.unwrap_or_else(|| spec.display());
     let backbone = local.as_path();
     let sha = capt_clip::backbone_hash(backbone)?;
     let dev = Device::Cpu;
-    let spec = BackboneSpec::Path(backbone.into()).with_arch(arch)?;
     let bb = Backbone::load(&spec, CDType::F32, &dev)?;
     let cfg = bb.config.clone();
     let mut run = RunConfig::default();

@@ -20,14 +20,22 @@ fn heat_rgb(v: f64) -> [u8; 3] {
     [r as u8, g as u8, b as u8]
 }
 
-/// Row-normalised value of cell `(i, j)`: the fraction of class `i`'s images predicted `j`.
-fn frac(m: &ConfusionMatrix, i: usize, j: usize) -> f64 {
-    let row: u64 = (0..m.num_classes).map(|k| m.get(i, k)).sum();
-    if row == 0 {
-        0.0
-    } else {
-        m.get(i, j) as f64 / row as f64
+/// The row-normalised matrix: cell `(i, j)` is the fraction of class `i`'s images predicted
+/// `j` (0 for a class without images), row-major.
+fn fractions(m: &ConfusionMatrix) -> Vec<f64> {
+    let n = m.num_classes;
+    let mut out = Vec::with_capacity(n * n);
+    for i in 0..n {
+        let row: u64 = (0..n).map(|k| m.get(i, k)).sum();
+        out.extend((0..n).map(|j| {
+            if row == 0 {
+                0.0
+            } else {
+                m.get(i, j) as f64 / row as f64
+            }
+        }));
     }
+    out
 }
 
 fn escape(s: &str) -> String {
@@ -114,13 +122,15 @@ pub fn svg(m: &ConfusionMatrix, class_names: &[String], title: &str) -> String {
         ));
     }
     let show_counts = cell >= 18.0;
-    for i in 0..n {
-        for j in 0..n {
+    let fr = fractions(m);
+    // Cells over the real class count (`n` is at least 1 for the layout only).
+    for i in 0..m.num_classes {
+        for j in 0..m.num_classes {
             let count = m.get(i, j);
             if count == 0 {
                 continue;
             }
-            let v = frac(m, i, j);
+            let v = fr[i * m.num_classes + j];
             let [r, g, b] = heat_rgb(v);
             let (x, y) = (left + j as f64 * cell, top + i as f64 * cell);
             s.push_str(&format!(
@@ -183,9 +193,10 @@ pub fn png(m: &ConfusionMatrix, cell_px: u32) -> std::io::Result<Vec<u8>> {
     let px = cell_px.max(1);
     let side = (c * px).max(1);
     let mut img = image::RgbImage::from_pixel(side, side, image::Rgb([255, 255, 255]));
+    let fr = fractions(m);
     for i in 0..c {
         for j in 0..c {
-            let color = image::Rgb(heat_rgb(frac(m, i as usize, j as usize)));
+            let color = image::Rgb(heat_rgb(fr[(i * c + j) as usize]));
             for y in 0..px {
                 for x in 0..px {
                     let grid = px >= 4 && (x == 0 || y == 0);

@@ -129,7 +129,7 @@ pub fn attach(dir: &Path) -> Result<LogGuard> {
         .append(true)
         .open(&path)
         .map_err(|e| TrainError::io("open", &path, e))?;
-    set_last_dir(dir);
+    let _ = OUTERMOST.set(dir.to_path_buf());
     attached()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -155,21 +155,11 @@ pub fn record(line: &str) {
 /// The first (outermost) run folder this process attached, kept after its guard dropped so
 /// that main can append the command's final error there.
 pub fn last_dir() -> Option<PathBuf> {
-    LAST.get()
-        .and_then(|m| m.lock().ok().map(|d| d.clone()))
-        .flatten()
+    OUTERMOST.get().cloned()
 }
 
-static LAST: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
-
-/// Remembers `dir` as the folder an error of this command belongs to (the outermost run).
-fn set_last_dir(dir: &Path) {
-    let m = LAST.get_or_init(|| Mutex::new(None));
-    let mut d = m.lock().unwrap_or_else(|e| e.into_inner());
-    if d.is_none() {
-        *d = Some(dir.to_path_buf());
-    }
-}
+/// The folder an error of this command belongs to: the first one attached (set once).
+static OUTERMOST: OnceLock<PathBuf> = OnceLock::new();
 
 /// Appends `line` to `<dir>/log.txt` directly (no guard needed).
 pub fn append_line(dir: &Path, line: &str) {

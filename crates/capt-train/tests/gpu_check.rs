@@ -2,12 +2,11 @@
 //! reports the GPU it finds ("no GPU" on CI) and writes its JSON; a missing binary is a named
 //! error with exit code 2. (The checks themselves need a GPU: docs/training.md.)
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::{capt_train, repo};
 
 fn has_nvidia_smi() -> bool {
     Command::new("nvidia-smi")
@@ -76,19 +75,6 @@ fn unknown_arguments_are_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown argument --gpu-please"));
 }
 
-fn capt_train(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_capt-train"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 fn last_json(stdout: &str) -> serde_json::Value {
     let line = stdout.lines().rfind(|l| l.starts_with('{')).unwrap_or("");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout}"))
@@ -98,14 +84,14 @@ fn last_json(stdout: &str) -> serde_json::Value {
 /// (identical in f32, close in bf16) and `bench train-step` ends with one JSON line.
 #[test]
 fn the_benches_gpu_check_reads_print_their_json() {
-    let (ok, out, err) = capt_train(&["bench", "forward", "--backbone", "tiny", "--batch", "4"]);
-    assert!(ok, "{err}");
-    let r = last_json(&out);
-    assert_eq!(r["image_max_abs_diff"], 0.0, "{r}");
-    assert_eq!(r["text_max_abs_diff"], 0.0, "{r}");
-    assert!(r["images_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    let r = capt_train(&["bench", "forward", "--backbone", "tiny", "--batch", "4"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = last_json(&r.stdout);
+    assert_eq!(j["image_max_abs_diff"], 0.0, "{j}");
+    assert_eq!(j["text_max_abs_diff"], 0.0, "{j}");
+    assert!(j["images_per_s"].as_f64().unwrap() > 0.0, "{j}");
 
-    let (ok, out, err) = capt_train(&[
+    let r = capt_train(&[
         "bench",
         "forward",
         "--backbone",
@@ -115,15 +101,15 @@ fn the_benches_gpu_check_reads_print_their_json() {
         "--dtype",
         "bf16",
     ]);
-    assert!(ok, "{err}");
-    let r = last_json(&out);
-    let d = r["image_max_abs_diff"].as_f64().unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = last_json(&r.stdout);
+    let d = j["image_max_abs_diff"].as_f64().unwrap();
     assert!(
         d > 0.0 && d < 2e-2,
-        "bf16 towers should deviate a little: {r}"
+        "bf16 towers should deviate a little: {j}"
     );
 
-    let (ok, out, err) = capt_train(&[
+    let r = capt_train(&[
         "bench",
         "train-step",
         "--size",
@@ -133,23 +119,24 @@ fn the_benches_gpu_check_reads_print_their_json() {
         "--steps",
         "1",
     ]);
-    assert!(ok, "{err}");
-    let r = last_json(&out);
-    let methods: Vec<&str> = r["train_step"]
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = last_json(&r.stdout);
+    let methods: Vec<&str> = j["train_step"]
         .as_array()
         .unwrap()
         .iter()
         .map(|x| x["method"].as_str().unwrap())
         .collect();
-    assert_eq!(methods, ["coop", "capt"], "{r}");
+    assert_eq!(methods, ["coop", "capt"], "{j}");
 }
 
 /// A CPU build asked for CUDA names the script that builds the CUDA one, without a panic.
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_on_a_cpu_build_says_how_to_build_it() {
-    let (ok, _, err) = capt_train(&["bench", "forward", "--backbone", "tiny", "--device", "cuda"]);
-    assert!(!ok);
+    let r = capt_train(&["bench", "forward", "--backbone", "tiny", "--device", "cuda"]);
+    assert_ne!(r.code, 0);
+    let err = &r.stderr;
     assert!(
         err.contains("tools/build-cuda.sh") && !err.contains("panicked"),
         "{err}"
