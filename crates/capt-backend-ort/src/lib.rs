@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use capt_backend::{
-    check_batch, check_io_names, Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir,
-    INPUT_NAME, LOGITS_NAME, PROBS_NAME,
+    check_batch, check_input_dims, check_io_names, Backend, BackendError, ClassifierOutput,
+    ImageBatch, ModelDir, INPUT_NAME, LOGITS_NAME, PROBS_NAME,
 };
 use ort::ep::{ExecutionProvider, ExecutionProviderDispatch, TensorRT, CUDA};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -343,23 +343,8 @@ fn check_contract(session: &Session, path: &Path, crop: usize) -> Result<(), Bac
                     "input `{INPUT_NAME}` has element type {ty}, expected float32"
                 )));
             }
-            let want = [-1, 3, crop as i64, crop as i64];
-            let ok = shape.len() == 4
-                && shape
-                    .iter()
-                    .zip(want)
-                    .skip(1)
-                    .all(|(d, w)| *d == -1 || *d == w);
-            if !ok {
-                let shown: Vec<String> = shape
-                    .iter()
-                    .map(|d| if *d < 0 { "?".into() } else { d.to_string() })
-                    .collect();
-                return Err(contract(format!(
-                    "input `{INPUT_NAME}` has shape [{}], expected [N,3,{crop},{crop}] (crop from capt.json)",
-                    shown.join(",")
-                )));
-            }
+            let dims: Vec<Option<i64>> = shape.iter().map(|&d| (d >= 0).then_some(d)).collect();
+            check_input_dims(path, &dims, crop)?;
         }
         other => {
             return Err(contract(format!(

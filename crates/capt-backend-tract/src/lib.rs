@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use capt_backend::{
-    check_batch, check_io_names, Backend, BackendError, ClassifierOutput, ImageBatch, ModelDir,
-    INPUT_NAME, LOGITS_NAME, PROBS_NAME,
+    check_batch, check_input_dims, check_io_names, Backend, BackendError, ClassifierOutput,
+    ImageBatch, ModelDir, INPUT_NAME, LOGITS_NAME, PROBS_NAME,
 };
 use tract_linalg::multithread::Executor;
 use tract_onnx::pb;
@@ -296,23 +296,7 @@ fn check_contract(proto: &pb::ModelProto, path: &Path, crop: usize) -> Result<()
                 _ => None,
             })
             .collect();
-        let want = [None, Some(3), Some(crop as i64), Some(crop as i64)];
-        let ok = dims.len() == 4
-            && dims
-                .iter()
-                .zip(&want)
-                .skip(1)
-                .all(|(d, w)| d.is_none() || d == w);
-        if !ok {
-            let shown: Vec<String> = dims
-                .iter()
-                .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
-                .collect();
-            return Err(contract(format!(
-                "input `{INPUT_NAME}` has shape [{}], expected [N,3,{crop},{crop}] (crop from capt.json)",
-                shown.join(",")
-            )));
-        }
+        check_input_dims(path, &dims, crop)?;
     }
     Ok(())
 }

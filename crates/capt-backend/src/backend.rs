@@ -162,6 +162,36 @@ pub fn check_io_names(
     Ok(())
 }
 
+/// Checks the graph's `pixel_values` dims (`None` = symbolic) against `[N, 3, crop, crop]`:
+/// the one input-shape check every backend runs at load.
+pub fn check_input_dims(
+    path: &std::path::Path,
+    dims: &[Option<i64>],
+    crop: usize,
+) -> Result<(), BackendError> {
+    let want = [None, Some(3), Some(crop as i64), Some(crop as i64)];
+    let ok = dims.len() == 4
+        && dims
+            .iter()
+            .zip(&want)
+            .skip(1)
+            .all(|(d, w)| d.is_none() || d == w);
+    if ok {
+        return Ok(());
+    }
+    let shown: Vec<String> = dims
+        .iter()
+        .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+        .collect();
+    Err(BackendError::Contract {
+        path: path.to_path_buf(),
+        detail: format!(
+            "input `{INPUT_NAME}` has shape [{}], expected [N,3,{crop},{crop}] (crop from capt.json)",
+            shown.join(",")
+        ),
+    })
+}
+
 /// Runs one zero image through a freshly loaded backend and checks the class count against
 /// the manifest, so a mismatched export fails at start-up (and the first request is warm).
 pub fn warm_up(backend: &dyn Backend, model: &ModelDir) -> Result<(), BackendError> {

@@ -7,11 +7,11 @@ pub mod backend;
 pub mod manifest;
 
 pub use backend::{
-    check_batch, check_io_names, max_abs_diff, synthetic_batch, top_k, warm_up, Backend,
-    BackendError, ClassifierOutput, INPUT_NAME, LOGITS_NAME, PROBS_NAME,
+    check_batch, check_input_dims, check_io_names, max_abs_diff, synthetic_batch, top_k, warm_up,
+    Backend, BackendError, ClassifierOutput, INPUT_NAME, LOGITS_NAME, PROBS_NAME,
 };
 pub use capt_core::{ImageBatch, PreprocessConfig};
 pub use manifest::{
-    sha256_file, FileEntry, Manifest, ModelDir, ModelDirError, ModelFiles, FORMAT_VERSION,
-    MANIFEST_FILE,
+    sha256_file, FileEntry, Manifest, ModelDir, ModelDirError, ModelFiles, Precision,
+    FORMAT_VERSION, MANIFEST_FILE,
 };

@@ -3,12 +3,10 @@
 //! half-copied directory fails at start-up with the file and the fix named, not mid-request.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use capt_core::PreprocessConfig;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// The manifest file name inside a model directory.
 pub const MANIFEST_FILE: &str = "capt.json";
@@ -46,12 +44,37 @@ pub struct Manifest {
     /// Compute precision inside the graphs: "f32", or "f16" (float16 weights and compute; the
     /// inputs and outputs stay f32, so runtimes need not care). Manifests written before this
     /// field existed are "f32".
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: Precision,
 }
 
-fn default_precision() -> String {
-    "f32".into()
+/// Compute precision inside an export's graphs. Their interface (`pixel_values`, `input_ids`,
+/// `logits`, embeddings) is float32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32 everywhere.
+    #[default]
+    F32,
+    /// float16 weights and compute (GPU / TensorRT): the f32 graph rewritten by
+    /// `capt_onnx::to_f16_compute`, norms and the SEM pair top-k left in f32. Half the size.
+    F16,
+}
+
+impl Precision {
+    /// The manifest's and the ONNX metadata's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Files of a model directory, paths relative to it.
@@ -258,23 +281,12 @@ impl Manifest {
     }
 }
 
-/// Lower-case hex sha256 of a file, streamed.
+/// Lower-case hex sha256 of a file ([`capt_core::fs::sha256_file`], path named on error).
 pub fn sha256_file(path: &Path) -> Result<String, ModelDirError> {
-    let io = |source| ModelDirError::Io {
+    capt_core::fs::sha256_file(path).map_err(|source| ModelDirError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    })
 }
 
 #[cfg(test)]
@@ -302,7 +314,7 @@ mod tests {
             backbone: String::new(),
             created_by: "test".into(),
             model_spec: None,
-            precision: "f32".into(),
+            precision: Precision::F32,
         }
     }
 
@@ -318,7 +330,7 @@ mod tests {
     }
 
     fn with_hash(mut m: Manifest, bytes: &[u8]) -> Manifest {
-        m.files.classifier.sha256 = hex::encode(Sha256::digest(bytes));
+        m.files.classifier.sha256 = capt_core::fs::sha256_hex(bytes);
         m
     }
 
@@ -398,10 +410,17 @@ mod tests {
         let mut v = serde_json::to_value(with_hash(sample(), b"g")).unwrap();
         v.as_object_mut().unwrap().remove("precision");
         let m = Manifest::from_json(&v.to_string(), Path::new("capt.json")).unwrap();
-        assert_eq!(m.precision, "f32");
+        assert_eq!(m.precision, Precision::F32);
         v["precision"] = "f16".into();
         let m = Manifest::from_json(&v.to_string(), Path::new("capt.json")).unwrap();
-        assert_eq!(m.precision, "f16");
+        assert_eq!(m.precision, Precision::F16);
+        // A precision this version does not know is named, with the ones it does.
+        v["precision"] = "int4".into();
+        let e = Manifest::from_json(&v.to_string(), Path::new("capt.json")).unwrap_err();
+        assert!(
+            e.to_string().contains("int4") && e.to_string().contains("f16"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -423,3 +423,59 @@ mod tests {
         assert_eq!(serde_json::from_str::<ClipConfig>(&s).unwrap(), cfg);
     }
 }
+
+/// The architecture as the export graphs describe it (`capt_model::ClipSpec`, candle-free).
+impl From<&ClipConfig> for capt_model::ClipSpec {
+    fn from(c: &ClipConfig) -> Self {
+        use capt_model::{Act, ClipSpec, TextTowerSpec, TowerSpec, VisionSpec};
+        let act = |a: Activation| match a {
+            Activation::QuickGelu => Act::QuickGelu,
+            Activation::Gelu => Act::Gelu,
+        };
+        let (t, v) = (&c.text, &c.vision);
+        ClipSpec {
+            text: TextTowerSpec {
+                vocab_size: t.vocab_size,
+                max_position_embeddings: t.max_position_embeddings,
+                tower: TowerSpec {
+                    hidden_size: t.hidden_size,
+                    intermediate_size: t.intermediate_size,
+                    num_hidden_layers: t.num_hidden_layers,
+                    num_attention_heads: t.num_attention_heads,
+                    hidden_act: act(t.hidden_act),
+                    layer_norm_eps: t.layer_norm_eps,
+                },
+            },
+            vision: VisionSpec {
+                image_size: v.image_size,
+                patch_size: v.patch_size,
+                num_channels: v.num_channels,
+                tower: TowerSpec {
+                    hidden_size: v.hidden_size,
+                    intermediate_size: v.intermediate_size,
+                    num_hidden_layers: v.num_hidden_layers,
+                    num_attention_heads: v.num_attention_heads,
+                    hidden_act: act(v.hidden_act),
+                    layer_norm_eps: v.layer_norm_eps,
+                },
+            },
+            projection_dim: c.projection_dim,
+        }
+    }
+}
+
+#[cfg(test)]
+mod clip_spec_tests {
+    use super::*;
+
+    /// `ClipSpec` reads the same JSON: the conversion and the JSON route agree.
+    #[test]
+    fn clip_spec_from_config_equals_its_json_reading() {
+        for mut cfg in [ClipConfig::tiny(), ClipConfig::vit_b16()] {
+            cfg.text.hidden_act = Activation::Gelu;
+            let via_json: capt_model::ClipSpec =
+                serde_json::from_value(serde_json::to_value(&cfg).unwrap()).unwrap();
+            assert_eq!(capt_model::ClipSpec::from(&cfg), via_json);
+        }
+    }
+}

@@ -6,12 +6,14 @@
 //!   `torch.save`) and OpenAI's TorchScript `.pt` files ([`torch_file`]);
 //!   [`ClipModel::load_with`] takes an `--arch` for files that do not say their activation;
 //!   [`ClipModel::new`] builds from any `VarBuilder` with HF tensor names.
-//! - [`hub`]: Hugging Face hub ids resolved into the standard hub cache.
+//! - [`hub`]: Hugging Face hub ids resolved into the standard hub cache; [`BackboneSpec`]:
+//!   what `--backbone` names (tiny, a path with an optional `--arch`, a hub id), resolved.
 //! - [`ClipTextTower`]: `forward_ids`, `forward_embeds` (learned prompts, deep prompts),
 //!   `build_prompts` (context spliced after SOT).
 //! - [`ClipVisionTower`]: global + local projected features, deep visual prompts.
 //! - [`Mode`]: autograd-safe kernels, or fused ones when no gradient is needed (`Auto` decides).
 
+pub mod backbone;
 pub mod config;
 pub mod error;
 mod fast;
@@ -23,6 +25,7 @@ pub mod text;
 pub mod torch_file;
 pub mod vision;
 
+pub use backbone::{BackboneSpec, ResolvedBackbone};
 pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::{ClipError, Result};
 pub use layers::Mode;

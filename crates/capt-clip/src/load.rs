@@ -3,12 +3,10 @@
 //! name mapping, shape checks with named errors, config inference, and the backbone hash.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use sha2::{Digest, Sha256};
 
 use crate::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 use crate::error::{ClipError, Result};
@@ -723,15 +721,5 @@ pub fn backbone_hash(path: impl AsRef<Path>) -> Result<String> {
         path: file.clone(),
         source,
     };
-    let mut f = std::fs::File::open(&file).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    capt_core::fs::sha256_file(&file).map_err(io)
 }

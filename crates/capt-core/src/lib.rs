@@ -9,9 +9,12 @@
 //!   committed real images (Pillow's resampler reproduced bit for bit, JPEGs decoded by
 //!   libjpeg-turbo as Pillow does).
 //!
+//! - [`fs`]: the one home of the file helpers (atomic file and folder writes, sha256).
+//!
 //! The manifest types that travel between trainer, exporter and runtime also belong here.
 //! Parity fixtures come from `tools/ref_core.py` (see tests/fixtures/core/).
 
+pub mod fs;
 pub mod preprocess;
 pub mod tokenizer;
 

@@ -1,14 +1,14 @@
 //! A loaded dataset: its splits, class names, image folder and prompt template, and the
 //! protocol applied to it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::catalog::{prompt_classname, DatasetKind, Layout};
 use crate::datum::{Datum, Problem, Split, Splits};
 use crate::error::{DataError, Result};
 use crate::fsutil::join_rel;
 use crate::protocol::{
-    load_or_sample_fewshot, subsample_classes, CacheOutcome, FewShotCache, Protocol,
+    load_or_sample_fewshot, subsample_classes, CacheOutcome, FewShotCache, Protocol, Subsample,
 };
 use crate::readers::{self, LoadOptions};
 
@@ -33,6 +33,50 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Loads a dataset under the few-shot protocol (`shots` per class drawn with `seed`,
+    /// `subsample` of the classes; nothing is written into the data folder). A label that no
+    /// split row names is refused: it would become a class without a single image (named
+    /// `class_<i>`) that a model could still predict.
+    pub fn for_protocol(
+        kind: DatasetKind,
+        root: &Path,
+        split_file: Option<&Path>,
+        shots: usize,
+        seed: u64,
+        subsample: Subsample,
+    ) -> Result<Self> {
+        let opts = LoadOptions {
+            split_file: split_file.map(Path::to_path_buf),
+            ..LoadOptions::new(kind, root)
+        };
+        let ds = Self::load_with(&opts)?;
+        let mut seen = vec![false; ds.classnames.len()];
+        for d in ds.train().iter().chain(ds.val()).chain(ds.test()) {
+            if let Some(s) = seen.get_mut(d.label) {
+                *s = true;
+            }
+        }
+        let empty: Vec<String> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !**s)
+            .map(|(l, _)| l.to_string())
+            .collect();
+        if !empty.is_empty() {
+            return Err(DataError::ImagelessLabels(format!(
+                    "{}: labels {} have no images in any split ({} classes); add their images or renumber \
+                     the labels of the split file so every class has some (`capt-train data check` lists them)",
+                    ds.name,
+                    empty.join(", "),
+                ds.classnames.len()
+            )));
+        }
+        let mut p = Protocol::new(shots, seed as i64, subsample);
+        p.cache = FewShotCache::Off;
+        let (ds, _) = ds.with_protocol(&p)?;
+        Ok(ds)
+    }
+
     /// Reads a dataset, failing with every problem listed if any entry is bad.
     pub fn load(kind: DatasetKind, root: impl Into<PathBuf>) -> Result<Self> {
         Self::load_with(&LoadOptions::new(kind, root))

@@ -66,6 +66,10 @@ pub enum DataError {
 
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// Labels of the class list that no split row names (each listed).
+    #[error("{0}")]
+    ImagelessLabels(String),
 }
 
 const MAX_LISTED: usize = 20;
@@ -86,6 +90,13 @@ fn list_problems(problems: &[String]) -> String {
 }
 
 impl DataError {
+    pub(crate) fn write(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| DataError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),

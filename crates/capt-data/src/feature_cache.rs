@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::augment::{view_rng, TrainAugment};
 use crate::datum::Datum;
 use crate::error::{DataError, Result};
-use crate::fsutil::{join_rel, write_atomic};
+use crate::fsutil::join_rel;
 
 const FORMAT: &str = "capt-feature-cache-v1";
 
@@ -339,7 +339,7 @@ impl FeatureCache {
         ]);
         let bytes =
             safetensors::serialize(tensors, Some(meta)).map_err(|e| cache_err(e.to_string()))?;
-        write_atomic(&path, &bytes)
+        capt_core::fs::write_atomic(&path, &bytes).map_err(DataError::write(&path))
     }
 
     /// A valid cache entry, or `None` (absent, unreadable or not matching: re-encoded).

@@ -9,7 +9,6 @@ use std::str::FromStr;
 
 use crate::datum::Datum;
 use crate::error::{DataError, Result};
-use crate::fsutil::write_atomic;
 use crate::pyrandom::PyRandom;
 use crate::split_file::{parse_rows, read_json_object, to_pretty_json};
 
@@ -190,7 +189,7 @@ pub fn load_or_sample_fewshot(
     if let Some(v) = &fs.val {
         lists.push(("val", v));
     }
-    match write_atomic(&path, &to_pretty_json(&lists)) {
+    match capt_core::fs::write_atomic(&path, &to_pretty_json(&lists)) {
         Ok(()) => {
             tracing::info!(path = %path.display(), "saved few-shot split");
             Ok((fs, CacheOutcome::Sampled))

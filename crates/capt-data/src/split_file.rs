@@ -8,7 +8,6 @@ use serde_json::Value;
 
 use crate::datum::{Datum, Problem, Split, Splits};
 use crate::error::{DataError, Result};
-use crate::fsutil::write_atomic;
 
 pub const SPLIT_FORMAT: &str =
     r#"{"train": [[relative_path, label, classname], ...], "val": [...], "test": [...]}"#;
@@ -171,7 +170,7 @@ pub fn write_split_file(path: &Path, splits: &Splits) -> Result<()> {
         ("val", &splits.val),
         ("test", &splits.test),
     ]);
-    write_atomic(path, &bytes)
+    capt_core::fs::write_atomic(path, &bytes).map_err(DataError::write(path))
 }
 
 #[cfg(test)]

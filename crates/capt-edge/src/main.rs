@@ -75,9 +75,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn class_edit(args: &capt_edge::cli::ClassEditArgs, add: bool) -> anyhow::Result<ExitCode> {
     let edit = if add {
-        capt_edge::labels::add_classes(&args.model, &args.names)?
+        capt_package::classes::add_classes(&args.model, &args.names)?
     } else {
-        capt_edge::labels::remove_classes(&args.model, &args.names)?
+        capt_package::classes::remove_classes(&args.model, &args.names)?
     };
     let mut out = std::io::stdout().lock();
     if args.json {

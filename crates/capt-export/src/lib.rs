@@ -1,22 +1,22 @@
 //! `capt-export`: turns a CAPT training checkpoint (or a bare CLIP, for zero-shot) into
 //! deployable ONNX.
 //!
-//! It owns the export boundary: reading a checkpoint and its backbone (hash-checked) into a
-//! `capt_model::ModelSpec` plus named parameters ([`source`]), emitting the model's graphs —
-//! written once over `capt_graph::Ops` in `capt-model` — through `capt_onnx::OnnxBuilder`
-//! (`classifier.onnx`, `text_encoder.onnx`, `image_encoder.onnx`), optional f16 compute
-//! (`capt_onnx::to_f16_compute`) or int8 weight storage, and writing the model directory (`capt.json` manifest) or a Triton repository
-//! atomically ([`write`], [`triton`]).
+//! It owns one boundary: reading a checkpoint (as host tensors, `capt-checkpoint`) and its
+//! backbone (hash-checked, `capt-clip`'s loaders) into a `capt_package::Package`
+//! ([`source`]). Everything after that — the graphs, int8 / f16, the manifest, the atomic
+//! write, the Triton layout, classes beyond the trained ones — is `capt-package`'s, the code
+//! `capt-edge` edits exports with. It does not depend on `capt-train`.
 
 pub mod error;
 pub mod source;
-pub mod triton;
-pub mod write;
 
-pub use error::{ExportError, Result};
-pub use source::{from_checkpoint, read_class_file, zero_shot, Classes, ExportSource};
-pub use write::{
+pub use capt_package::{
     build_graphs, classifier_graph, export, export_steps, export_with_progress,
     image_encoder_graph, text_encoder_graph, BuildReport, ExportOptions, ExportReport, Format,
-    Graph, Precision,
+    Graph, Package, Precision,
 };
+pub use error::{ExportError, Result};
+pub use source::{from_checkpoint, read_class_file, zero_shot, Classes};
+
+/// The old name of [`Package`] (what an export is made from).
+pub type ExportSource = Package;

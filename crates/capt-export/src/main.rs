@@ -94,6 +94,21 @@ fn main() {
     }
 }
 
+/// A step bar on stderr (hidden when stderr is not a terminal or with `--no-progress`).
+fn progress_bar(show: bool, steps: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !show || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("export [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 fn run(a: Args) -> Result<()> {
     let t0 = std::time::Instant::now();
     let src = match (&a.checkpoint, &a.backbone) {
@@ -140,7 +155,7 @@ fn run(a: Args) -> Result<()> {
         },
         force: a.force,
     };
-    let bar = capt_train::progress::bar(!a.no_progress, capt_export::export_steps(&opts), "export");
+    let bar = progress_bar(!a.no_progress, capt_export::export_steps(&opts));
     let r = capt_export::export_with_progress(&src, &opts, &a.out, &mut |what| {
         bar.set_message(what.to_string());
         bar.inc(1);

@@ -1,22 +1,24 @@
-//! What gets exported: a training checkpoint (or a bare CLIP for zero-shot) turned into a
-//! [`ModelSpec`] plus every parameter the graphs read, by name.
+//! What gets exported: a training checkpoint (or a bare CLIP, for zero-shot) read into a
+//! [`Package`] (a `ModelSpec` plus every parameter the graphs read, by name).
 //!
-//! Class embeddings and CAPT tables come from capt-train's own scorer
-//! (`scorer_from_checkpoint`, `zero_shot_scorer`), i.e. exactly what `capt-train eval` uses,
-//! so the exported logits are the evaluated ones.
+//! The checkpoint is read as host tensors (`capt-checkpoint`): the learned contexts and head
+//! parameters, and the class embeddings and CAPT tables `capt-train` stored with them, i.e.
+//! exactly what `capt-train eval` scores with. No training model is built. Classes beyond
+//! the trained ones (`--classes all|FILE`) and the classes of a zero-shot export go through
+//! `capt_package::classes::retarget` with the package's own text encoder run by tract: the
+//! path `capt-edge add-class` takes.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType as CDType, Device, Tensor};
+use capt_checkpoint as checkpoint;
+use capt_clip::BackboneSpec;
 use capt_graph::HostTensor;
+use capt_method::head::HeadTables;
 use capt_method::Method;
 use capt_model::{names, ClipSpec, ModelSpec, TextFamily, TextSpec};
-use capt_train::backbone::{Backbone, BackboneSpec};
-use capt_train::config::RunConfig;
-use capt_train::{checkpoint, evaluate};
-use sha2::{Digest, Sha256};
+use capt_package::classes::{retarget, TractTextEncoder};
+use capt_package::{text_encoder_graph, ExportOptions, Package};
 
 use crate::error::{ExportError, Result};
 
@@ -30,33 +32,6 @@ pub enum Classes {
     /// One class name per line (trained classes keep their tables; others get the text
     /// prior and empty cells, as `capt-train eval` treats novel classes).
     File(PathBuf),
-}
-
-/// A model ready to be written.
-pub struct ExportSource {
-    pub spec: ModelSpec,
-    pub class_names: Vec<String>,
-    /// Every parameter the graphs may read, by name.
-    pub params: BTreeMap<String, HostTensor>,
-    pub model_name: String,
-    pub backbone_sha256: String,
-    /// The backbone as the checkpoint recorded it (a path, or `org/name@<commit>`).
-    pub backbone: String,
-    /// Digest of the checkpoint folder's files (empty for zero-shot exports).
-    pub source_checkpoint_sha256: String,
-}
-
-fn host(t: &Tensor, what: &str) -> Result<HostTensor> {
-    HostTensor::from_candle(&t.to_dtype(CDType::F32).unwrap_or_else(|_| t.clone()))
-        .map_err(|e| ExportError::Source(format!("{what}: {e}")))
-}
-
-fn host_any(t: &Tensor, what: &str) -> Result<HostTensor> {
-    if t.dtype().is_float() {
-        host(t, what)
-    } else {
-        HostTensor::from_candle(t).map_err(|e| ExportError::Source(format!("{what}: {e}")))
-    }
 }
 
 /// Reads class names, one per line (blank lines and `#` comments skipped).
@@ -91,54 +66,6 @@ pub fn read_class_file(path: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// sha256 over `name NUL sha256(file) LF` of every file of a checkpoint folder, sorted.
-pub fn checkpoint_digest(dir: &Path) -> Result<String> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ExportError::Input(format!("cannot list {}: {e}", dir.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    let mut all = Sha256::new();
-    for f in files {
-        let mut h = Sha256::new();
-        let mut file = std::fs::File::open(&f)
-            .map_err(|e| ExportError::Input(format!("cannot read {}: {e}", f.display())))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| ExportError::Input(format!("cannot read {}: {e}", f.display())))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        all.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-        all.update([0]);
-        all.update(hex::encode(h.finalize()).as_bytes());
-        all.update(b"\n");
-    }
-    Ok(hex::encode(all.finalize()))
-}
-
-/// The CLIP tensors (HF names) of a backbone file, as host tensors.
-fn backbone_params(
-    path: &Path,
-    cfg: &capt_clip::ClipConfig,
-) -> Result<BTreeMap<String, HostTensor>> {
-    let (_, tensors, _) = capt_clip::load_hf_tensors(path, Some(cfg))?;
-    tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), host(t, k)?)))
-        .collect()
-}
-
-fn clip_spec(cfg: &capt_clip::ClipConfig) -> Result<ClipSpec> {
-    serde_json::from_value(serde_json::to_value(cfg).expect("ClipConfig serialises"))
-        .map_err(|e| ExportError::Source(format!("backbone config: {e}")))
-}
-
 fn resolve_backbone(recorded: &str, given: Option<&Path>, ckpt: &Path) -> Result<PathBuf> {
     if recorded == "tiny" && given.is_none() {
         return Err(ExportError::Input(format!(
@@ -161,12 +88,56 @@ fn resolve_backbone(recorded: &str, given: Option<&Path>, ckpt: &Path) -> Result
     Ok(p)
 }
 
-/// From a training checkpoint (a checkpoint folder or a run's `--out` folder).
-pub fn from_checkpoint(
+/// The CLIP tensors (HF names) of a backbone file, as host tensors.
+fn backbone_params(
     path: &Path,
-    backbone: Option<&Path>,
-    classes: &Classes,
-) -> Result<ExportSource> {
+    opts: &capt_clip::LoadOptions<'_>,
+) -> Result<(capt_clip::ClipConfig, BTreeMap<String, HostTensor>)> {
+    let (cfg, tensors, _) = capt_clip::load_hf_tensors_with(path, opts)?;
+    let params = tensors
+        .iter()
+        .map(|(k, t)| {
+            let t = t.to_dtype(candle_core::DType::F32)?;
+            let h = HostTensor::from_candle(&t)
+                .map_err(|e| ExportError::Source(format!("{k}: {e}")))?;
+            Ok((k.clone(), h))
+        })
+        .collect::<Result<_>>()?;
+    Ok((cfg, params))
+}
+
+/// Mean over the first axis of a `[C, n, W]` tensor (class-specific contexts).
+fn mean_rows(t: &HostTensor) -> Result<HostTensor> {
+    let v = t
+        .as_f32()
+        .ok_or_else(|| ExportError::Source("prompt context is not float".into()))?;
+    let c = t.dims()[0].max(1);
+    let rest: Vec<usize> = t.dims()[1..].to_vec();
+    let n = v.len() / c;
+    let mut out = vec![0.0f32; n];
+    for row in v.chunks(n) {
+        for (o, x) in out.iter_mut().zip(row) {
+            *o += x / c as f32;
+        }
+    }
+    Ok(HostTensor::f32(rest, out)?)
+}
+
+/// Retargets `pkg` to `target` with the package's own text encoder (built in memory, f32,
+/// run by tract): new classes get the learned context and, for CAPT, prior candidates.
+fn retarget_in_memory(pkg: &mut Package, target: &[String]) -> Result<()> {
+    if pkg.class_names == target {
+        return Ok(());
+    }
+    let text = text_encoder_graph(pkg, &ExportOptions::default())?;
+    let spec = pkg.spec.clone();
+    let mut enc = TractTextEncoder::from_model(&spec, &text.model)?;
+    retarget(pkg, target, &mut enc)?;
+    Ok(())
+}
+
+/// From a training checkpoint (a checkpoint folder or a run's `--out` folder).
+pub fn from_checkpoint(path: &Path, backbone: Option<&Path>, classes: &Classes) -> Result<Package> {
     let dir = checkpoint::resolve(path)?;
     let state = checkpoint::read_state(&dir)?;
     for f in [checkpoint::LEARNED, checkpoint::TABLES] {
@@ -188,68 +159,68 @@ pub fn from_checkpoint(
             state.backbone.sha256
         )));
     }
-    let class_names = match classes {
+    let target = match classes {
         Classes::Trained => state.class_names.clone(),
         Classes::File(f) => read_class_file(f)?,
         Classes::All { root } => {
             let kind = state.dataset.parse().map_err(|e| {
                 ExportError::Input(format!("checkpoint dataset `{}`: {e}", state.dataset))
             })?;
-            let ds = capt_train::fit::load_dataset(
+            capt_data::Dataset::for_protocol(
                 kind,
                 root,
                 None,
                 state.shots,
                 state.seed,
                 capt_data::Subsample::All,
-            )?;
-            ds.classnames.clone()
+            )?
+            .classnames
         }
     };
     let method = state.config.method;
     let trains = method.trains();
-    let dev = Device::Cpu;
-    let cfg = state.backbone.config.clone();
-    let bb = Backbone::load_with_config(
-        &BackboneSpec::Path(bb_path.clone()),
-        Some(&cfg),
-        CDType::F32,
-        &dev,
+    if target != state.class_names && state.config.prompt.class_specific {
+        return Err(ExportError::Input(format!(
+            "checkpoint {} has class-specific contexts, which exist only for its own classes; export it with --classes base",
+            dir.display()
+        )));
+    }
+    let cfg = &state.backbone.config;
+    let (_, mut params) = backbone_params(
+        &bb_path,
+        &capt_clip::LoadOptions {
+            config: Some(cfg),
+            arch: None,
+        },
     )?;
-    let scorer = evaluate::scorer_from_checkpoint(bb, &dir, &state, &class_names)?;
-
-    let mut params = backbone_params(&bb_path, &cfg)?;
     // Learned tensors (contexts, deep prompts, head parameters) under their checkpoint names.
-    for (name, var) in scorer.model.params.iter() {
-        let t = var.as_tensor();
-        let t = if name == names::CTX && t.rank() == 3 {
+    for (name, t) in checkpoint::read_tensors(&dir, checkpoint::LEARNED)? {
+        let t = if name == names::CTX && t.dims().len() == 3 {
             // Class-specific contexts cannot serve new names: the text encoder gets their mean.
             tracing::warn!(
                 "class-specific contexts: text_encoder.onnx uses their mean for new classes"
             );
-            t.mean(0)?
+            mean_rows(&t)?
         } else {
-            t.clone()
+            t
         };
-        params.insert(name.clone(), host(&t, name)?);
+        params.insert(name, t);
     }
-    params.insert(
-        names::CLASS_EMB.into(),
-        host(&scorer.class_emb, "class_emb")?,
-    );
-    if let (Some(hc), Some(cache)) = (&scorer.model.head, &scorer.cache) {
-        let t = cache.head_tables(hc)?;
-        for (name, v) in [
-            (names::CAND_INDEX, &t.cand_index),
-            (names::CAND_WEIGHT, &t.cand_weight),
-            (names::T_COM, &t.t_com),
-            (names::T_DIF, &t.t_dif),
-            (names::T_DIF_REV, &t.t_dif_rev),
-            (names::POOL_GLOBAL, &t.pool_global),
-            (names::POOL_LOCAL, &t.pool_local),
-            (names::CELLS, &t.cells),
-        ] {
-            params.insert(name.into(), host_any(v, name)?);
+    // The class embeddings and CAPT tables the trainer scored its classes with.
+    let tables_path = dir.join(checkpoint::TABLES);
+    let mut tables = checkpoint::read_tensors(&dir, checkpoint::TABLES)?;
+    let mut take = |n: &str| {
+        tables.remove(n).ok_or_else(|| {
+            ExportError::Input(format!(
+                "{} has no `{n}`; export a checkpoint written by this capt-train",
+                tables_path.display()
+            ))
+        })
+    };
+    params.insert(names::CLASS_EMB.into(), take("class_emb")?);
+    if method.uses_bank() {
+        for (n, t) in HeadTables::try_named(&mut take)?.into_named() {
+            params.insert(names::table(n), t);
         }
     }
 
@@ -265,9 +236,9 @@ pub fn from_checkpoint(
     }
     let p = &state.config.prompt;
     let spec = ModelSpec {
-        clip: clip_spec(&cfg)?,
+        clip: ClipSpec::from(cfg),
         method,
-        num_classes: class_names.len(),
+        num_classes: state.class_names.len(),
         local_grid: state.config.bank.local_grid,
         visual_prompt_layers: if trains { p.vision_depth } else { 0 },
         capt: method.uses_bank().then(|| state.config.clone()),
@@ -289,18 +260,21 @@ pub fn from_checkpoint(
         },
     };
     spec.validate()?;
-    Ok(ExportSource {
+    let mut pkg = Package {
         model_name: format!("{}-{}", method.name(), state.dataset),
         spec,
-        class_names,
+        class_names: state.class_names.clone(),
         params,
         backbone_sha256: sha,
         backbone: match backbone {
             Some(b) => b.display().to_string(),
             None => state.backbone.path.clone(),
         },
-        source_checkpoint_sha256: checkpoint_digest(&dir)?,
-    })
+        source_checkpoint_sha256: checkpoint::digest(&dir)?,
+        version: 1,
+    };
+    retarget_in_memory(&mut pkg, &target)?;
+    Ok(pkg)
 }
 
 /// Zero-shot CLIP for `class_names` with `template` (`{}` = class name): no training. `arch`
@@ -311,7 +285,7 @@ pub fn zero_shot(
     class_names: Vec<String>,
     template: &str,
     local_grid: usize,
-) -> Result<ExportSource> {
+) -> Result<Package> {
     if !template.contains("{}") {
         return Err(ExportError::Input(format!(
             "template {template:?} has no `{{}}` where the class name goes, e.g. \"a photo of a {{}}.\""
@@ -328,24 +302,19 @@ pub fn zero_shot(
     }
     let spec = BackboneSpec::Path(local.clone()).with_arch(arch)?;
     let recorded = pinned.unwrap_or_else(|| spec.display());
-    let backbone = local.as_path();
-    let sha = capt_clip::backbone_hash(backbone)?;
-    let dev = Device::Cpu;
-    let bb = Backbone::load(&spec, CDType::F32, &dev)?;
-    let cfg = bb.config.clone();
-    let mut run = RunConfig::default();
-    run.capt.bank.local_grid = local_grid;
-    run.capt.method = Method::ZeroShot;
-    let scorer = evaluate::zero_shot_scorer(bb, &run, &class_names, template)?;
-    let mut params = backbone_params(backbone, &cfg)?;
+    let sha = capt_clip::backbone_hash(&local)?;
+    let (cfg, mut params) =
+        backbone_params(&local, &capt_clip::LoadOptions { config: None, arch })?;
+    let d = cfg.projection_dim;
+    // No classes yet: the retarget below encodes every class with the template.
     params.insert(
         names::CLASS_EMB.into(),
-        host(&scorer.class_emb, "class_emb")?,
+        HostTensor::f32(vec![0, d], vec![])?,
     );
     let spec = ModelSpec {
-        clip: clip_spec(&cfg)?,
+        clip: ClipSpec::from(&cfg),
         method: Method::ZeroShot,
-        num_classes: class_names.len(),
+        num_classes: 0,
         local_grid,
         visual_prompt_layers: 0,
         capt: None,
@@ -358,14 +327,16 @@ pub fn zero_shot(
             families: vec![TextFamily::Class, TextFamily::ZeroShot],
         },
     };
-    spec.validate()?;
-    Ok(ExportSource {
+    let mut pkg = Package {
         model_name: "zero-shot-clip".into(),
         spec,
-        class_names,
+        class_names: vec![],
         params,
         backbone_sha256: sha,
         backbone: recorded,
         source_checkpoint_sha256: String::new(),
-    })
+        version: 1,
+    };
+    retarget_in_memory(&mut pkg, &class_names)?;
+    Ok(pkg)
 }

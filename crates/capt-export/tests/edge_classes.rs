@@ -63,7 +63,7 @@ const NEW: [&str; 2] = ["zebra stripes", "polka dots"];
 /// the class names and logits of `b` afterwards, checked for length and finiteness.
 fn add_new(out: &Path, b: &ImageBatch, before: usize) -> (Vec<String>, Vec<String>, Vec<f32>) {
     let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
-    capt_edge::labels::add_classes(out, &new).unwrap();
+    capt_package::classes::add_classes(out, &new).unwrap();
     let (names, logits) = classify(out, b);
     assert_eq!(names.len(), before + 2);
     assert!(logits.iter().all(|v| v.is_finite()));
@@ -86,7 +86,7 @@ fn coop_with_added_classes_equals_capt_train_on_the_extended_list() {
         &ExportOptions::default(),
     );
     let new: Vec<String> = NEW.iter().map(|s| s.to_string()).collect();
-    let edit = capt_edge::labels::add_classes(&out, &new).unwrap();
+    let edit = capt_package::classes::add_classes(&out, &new).unwrap();
     assert_eq!(edit.classes, src.class_names.len() + 2);
     let b = batch(src.spec.clip.vision.image_size as u32);
     let (names, got) = classify(&out, &b);
@@ -118,10 +118,14 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
     let (new, names1, _) = add_new(&out, &b, names0.len());
     // New classes have candidate partners from the prior and empty cells.
     let p = classifier_params(&out);
-    let cells = p[capt_model::names::CELLS].as_i64().unwrap();
+    let cells = p[capt_model::names::table("cells").as_str()]
+        .as_i64()
+        .unwrap();
     let per_class = cells.len() / names1.len();
     assert!(cells[names0.len() * per_class..].iter().all(|&c| c == -1));
-    let cand = p[capt_model::names::CAND_INDEX].as_i64().unwrap();
+    let cand = p[capt_model::names::table("cand_index").as_str()]
+        .as_i64()
+        .unwrap();
     let k = cand.len() / names1.len();
     for (y, row) in cand.chunks(k).enumerate() {
         assert!(row
@@ -129,7 +133,7 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
             .all(|&j| j as usize != y && (j as usize) < names1.len()));
     }
 
-    capt_edge::labels::remove_classes(&out, &new).unwrap();
+    capt_package::classes::remove_classes(&out, &new).unwrap();
     let (names2, logits2) = classify(&out, &b);
     assert_eq!(names2, names0);
     let d = max_abs_diff(&logits2, &logits0);
@@ -138,21 +142,22 @@ fn capt_add_then_remove_restores_the_classifier_and_errors_are_named() {
 
     // Removing a trained class refills the candidate lists that named it.
     let gone = names0[0].clone();
-    let edit = capt_edge::labels::remove_classes(&out, std::slice::from_ref(&gone)).unwrap();
+    let edit = capt_package::classes::remove_classes(&out, std::slice::from_ref(&gone)).unwrap();
     assert_eq!(edit.classes, names0.len() - 1);
     let (names3, logits3) = classify(&out, &b);
     assert!(!names3.contains(&gone));
     assert!(logits3.iter().all(|v| v.is_finite()));
 
     // Errors name the problem.
-    let err = capt_edge::labels::add_classes(&out, std::slice::from_ref(&names3[0])).unwrap_err();
+    let err =
+        capt_package::classes::add_classes(&out, std::slice::from_ref(&names3[0])).unwrap_err();
     assert!(err.to_string().contains("already a class"), "{err}");
-    let err = capt_edge::labels::remove_classes(&out, &["no such".to_string()]).unwrap_err();
+    let err = capt_package::classes::remove_classes(&out, &["no such".to_string()]).unwrap_err();
     assert!(err.to_string().contains("not a class"), "{err}");
-    let err = capt_edge::labels::remove_classes(&out, &names3[1..]).unwrap_err();
+    let err = capt_package::classes::remove_classes(&out, &names3[1..]).unwrap_err();
     assert!(err.to_string().contains("at least 2"), "{err}");
     let long = "word ".repeat(80);
-    let err = capt_edge::labels::add_classes(&out, &[long]).unwrap_err();
+    let err = capt_package::classes::add_classes(&out, &[long]).unwrap_err();
     assert!(err.to_string().contains("shorter name"), "{err}");
 }
 
@@ -170,7 +175,7 @@ fn f16_compute_export_stays_f16_through_class_edits() {
     let (new, _, _) = add_new(&out, &b, names0.len());
     // Still f16 compute: recorded, MatMul operands typed F16, parameters read back.
     let md = ModelDir::open(&out).unwrap();
-    assert_eq!(md.manifest.precision, "f16");
+    assert_eq!(md.manifest.precision, capt_package::Precision::F16);
     let path = md.classifier_path();
     let model = capt_onnx::read_model(&path).unwrap();
     let types = capt_onnx::tract_value_types(&path).unwrap();
@@ -191,7 +196,7 @@ fn f16_compute_export_stays_f16_through_class_edits() {
         "existing class embeddings changed"
     );
 
-    capt_edge::labels::remove_classes(&out, &new).unwrap();
+    capt_package::classes::remove_classes(&out, &new).unwrap();
     let (names2, logits2) = classify(&out, &b);
     assert_eq!(names2, names0);
     let d = max_abs_diff(&logits2, &logits0);

@@ -363,7 +363,7 @@ fn f16_and_int8_agree_with_f32() {
             _ => println!("notice: ORT_DYLIB_PATH not set; {name} in onnxruntime skipped"),
         }
         let md = ModelDir::open(&dir).unwrap();
-        assert_eq!(md.manifest.precision, opts.precision.as_str());
+        assert_eq!(md.manifest.precision, opts.precision);
     }
 
     // f16 is f16 compute: every MatMul and Conv operand is F16 as tract types the graph, the

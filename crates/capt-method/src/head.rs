@@ -208,6 +208,58 @@ pub struct HeadTables<T> {
     pub cells: T,
 }
 
+impl<T> HeadTables<T> {
+    /// The one list of the tables' names, in field order. Checkpoints store the tables under
+    /// these names; exported classifiers under `capt_model::names::table(name)`.
+    pub const NAMES: [&'static str; 8] = [
+        "cand_index",
+        "cand_weight",
+        "t_com",
+        "t_dif",
+        "t_dif_rev",
+        "pool_global",
+        "pool_local",
+        "cells",
+    ];
+
+    /// The tables made by `f(name)` for each of [`Self::NAMES`].
+    pub fn try_named<E>(
+        mut f: impl FnMut(&'static str) -> std::result::Result<T, E>,
+    ) -> std::result::Result<Self, E> {
+        let [a, b, c, d, e, g, h, i] = Self::NAMES;
+        Ok(Self {
+            cand_index: f(a)?,
+            cand_weight: f(b)?,
+            t_com: f(c)?,
+            t_dif: f(d)?,
+            t_dif_rev: f(e)?,
+            pool_global: f(g)?,
+            pool_local: f(h)?,
+            cells: f(i)?,
+        })
+    }
+
+    /// [`Self::try_named`] for an infallible `f` (e.g. the names themselves).
+    pub fn named(mut f: impl FnMut(&'static str) -> T) -> Self {
+        Self::try_named(|n| Ok::<T, std::convert::Infallible>(f(n))).unwrap_or_else(|e| match e {})
+    }
+
+    /// The tables with their names, in [`Self::NAMES`] order.
+    pub fn into_named(self) -> [(&'static str, T); 8] {
+        let [a, b, c, d, e, g, h, i] = Self::NAMES;
+        [
+            (a, self.cand_index),
+            (b, self.cand_weight),
+            (c, self.t_com),
+            (d, self.t_dif),
+            (e, self.t_dif_rev),
+            (g, self.pool_global),
+            (h, self.pool_local),
+            (i, self.cells),
+        ]
+    }
+}
+
 /// What the head computes.
 #[derive(Debug, Clone)]
 pub struct HeadOutput<T> {

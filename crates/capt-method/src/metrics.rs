@@ -2,8 +2,6 @@
 //! confusion matrix, confusable pairs of a baseline and the Correction Rate against it. (The
 //! confusion heatmaps are drawn by capt-train's report code.)
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 /// Row = true class, column = predicted class.
@@ -123,32 +121,6 @@ pub fn harmonic_mean(base: f64, novel: f64) -> f64 {
     } else {
         2.0 * base * novel / (base + novel)
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
-/// readers never see a half-written file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -45,16 +45,7 @@ pub fn head_logits<O: Ops>(ops: &O, spec: &ModelSpec, global: &O::T, local: &O::
                 class_emb,
                 logit_scale,
             };
-            let tables = HeadTables {
-                cand_index: ops.param(names::CAND_INDEX)?,
-                cand_weight: ops.param(names::CAND_WEIGHT)?,
-                t_com: ops.param(names::T_COM)?,
-                t_dif: ops.param(names::T_DIF)?,
-                t_dif_rev: ops.param(names::T_DIF_REV)?,
-                pool_global: ops.param(names::POOL_GLOBAL)?,
-                pool_local: ops.param(names::POOL_LOCAL)?,
-                cells: ops.param(names::CELLS)?,
-            };
+            let tables = HeadTables::try_named(|n| ops.param(&names::table(n)))?;
             Ok(capt_head(ops, &hc, &inputs, &tables)?.logits)
         }
     }

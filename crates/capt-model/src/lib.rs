@@ -15,20 +15,14 @@ pub mod spec;
 pub mod tokens;
 
 pub use error::{ModelError, Result};
-pub use spec::{Act, ClipSpec, ModelSpec, TextFamily, TextSpec, TowerSpec, VisionSpec};
+pub use spec::{
+    Act, ClipSpec, ModelSpec, TextFamily, TextSpec, TextTowerSpec, TowerSpec, VisionSpec,
+};
 
 /// Parameter names of the baked per-class state (classifier initializers).
 pub mod names {
     pub const LOGIT_SCALE: &str = "logit_scale";
     pub const CLASS_EMB: &str = "table.class_emb";
-    pub const CAND_INDEX: &str = "table.cand_index";
-    pub const CAND_WEIGHT: &str = "table.cand_weight";
-    pub const T_COM: &str = "table.t_com";
-    pub const T_DIF: &str = "table.t_dif";
-    pub const T_DIF_REV: &str = "table.t_dif_rev";
-    pub const POOL_GLOBAL: &str = "table.pool_global";
-    pub const POOL_LOCAL: &str = "table.pool_local";
-    pub const CELLS: &str = "table.cells";
     /// Learned contexts (as in the training checkpoint).
     pub const CTX: &str = "prompt.ctx";
     pub const COM_CTX: &str = "sem.com_ctx";
@@ -42,14 +36,8 @@ pub mod names {
         format!("prompt.visual.{k}")
     }
 
-    /// The per-class tables, in the order add-class extends them.
-    pub const TABLES: [&str; 7] = [
-        CLASS_EMB,
-        CAND_INDEX,
-        CAND_WEIGHT,
-        T_COM,
-        T_DIF,
-        T_DIF_REV,
-        CELLS,
-    ];
+    /// The exported name of a CAPT head table (`capt_method::head::HeadTables::NAMES`).
+    pub fn table(name: &str) -> String {
+        format!("table.{name}")
+    }
 }

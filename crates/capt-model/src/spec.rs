@@ -122,10 +122,21 @@ impl TextSpec {
         match family {
             TextFamily::Class => self.class_prompt.replace("{}", &a),
             TextFamily::ZeroShot => self.zs_template.replace("{}", &a),
-            TextFamily::Com => format!("{a} and {b}."),
-            TextFamily::Dif => format!("{a}, not {b}."),
+            TextFamily::Com => com_text(&a, &b),
+            TextFamily::Dif => dif_text(&a, &b),
         }
     }
+}
+
+/// SEM's commonality prompt of the pair (a, b) (after `[COM]` context tokens): the one place
+/// its text is written, for the trainer and the exported text encoder alike.
+pub fn com_text(a: &str, b: &str) -> String {
+    format!("{a} and {b}.")
+}
+
+/// SEM's difference prompt of the pair (a, b) (after `[DIF]` context tokens).
+pub fn dif_text(a: &str, b: &str) -> String {
+    format!("{a}, not {b}.")
 }
 
 /// What the exported graphs compute.

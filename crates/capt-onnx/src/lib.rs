@@ -21,11 +21,11 @@ pub use builder::{BuildOptions, ModelMeta, OnnxBuilder, IR_VERSION, OPSET};
 pub use error::{Error, Result};
 pub use f16::{to_f16_compute, F16Options, F16Report, DEFAULT_KEEP_F32};
 pub use io::{
-    decode_model, external_data_path, read_model, validate, write_atomic, write_model,
-    ExternalData, WriteOptions, Written, EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, FILE_BYTES_KEY,
-    PRODUCER, PROTOBUF_LIMIT,
+    decode_model, external_data_path, read_model, validate, write_model, ExternalData,
+    WriteOptions, Written, EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, FILE_BYTES_KEY, PRODUCER,
+    PROTOBUF_LIMIT,
 };
 pub use quant::{quantize_weights_int8, read_params, QuantReport, INT8_MIN_ELEMS, SCALE_SUFFIX};
 pub use tract_onnx::pb;
-pub use tract_run::{run_tract, tract_value_types};
+pub use tract_run::{run_tract, run_tract_model, tract_value_types};
 pub use value::{Dim, Value};

@@ -41,8 +41,27 @@ fn from_tract(t: &Tensor) -> TractResult<HostTensor> {
 /// Loads `path` with tract-onnx, pins the inputs to the given tensors' shapes (so a symbolic
 /// batch gets its concrete size), optimizes, and runs once. Outputs in graph order.
 pub fn run_tract(path: &Path, inputs: &[HostTensor]) -> Result<Vec<HostTensor>> {
+    run(path, inputs, || tract_onnx::onnx().model_for_path(path))
+}
+
+/// [`run_tract`] for a model in memory (`what` names it in errors).
+pub fn run_tract_model(
+    model: &tract_onnx::pb::ModelProto,
+    what: &Path,
+    inputs: &[HostTensor],
+) -> Result<Vec<HostTensor>> {
+    run(what, inputs, || {
+        tract_onnx::onnx().model_for_proto_model(model)
+    })
+}
+
+fn run(
+    path: &Path,
+    inputs: &[HostTensor],
+    load: impl FnOnce() -> TractResult<InferenceModel>,
+) -> Result<Vec<HostTensor>> {
     let go = || -> TractResult<Vec<HostTensor>> {
-        let mut model = tract_onnx::onnx().model_for_path(path)?;
+        let mut model = load()?;
         let tensors: Vec<Tensor> = inputs.iter().map(to_tract).collect::<TractResult<_>>()?;
         for (i, t) in tensors.iter().enumerate() {
             let fact = InferenceFact::dt_shape(t.datum_type(), t.shape());

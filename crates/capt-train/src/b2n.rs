@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use capt_data::{DatasetKind, Layout, Split, Subsample};
-use capt_method::metrics::{harmonic_mean, write_atomic};
+use capt_core::fs::write_atomic;
+use capt_data::{Dataset, DatasetKind, Layout, Split, Subsample};
+use capt_method::metrics::harmonic_mean;
 use capt_method::Method;
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +21,7 @@ use crate::evaluate::{
     confusion, part_report, scorer_from_checkpoint, split_features, summarise, write_report,
     zero_shot_scorer, Report, Scorer, SplitFeatures, REPORT_FORMAT,
 };
-use crate::fit::{fit, load_dataset, FitArgs};
+use crate::fit::{fit, FitArgs};
 use crate::model::resolve_template;
 
 #[derive(Debug, Clone)]
@@ -114,7 +115,7 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
         let mut baseline_parts = Vec::new();
         let mut baseline_name = String::new();
         for part in [Subsample::Base, Subsample::New] {
-            let ds = load_dataset(kind, &args.root, split_file, 0, args.seeds[0], part)?;
+            let ds = Dataset::for_protocol(kind, &args.root, split_file, 0, args.seeds[0], part)?;
             baseline_name = ds.name.clone();
             let template = resolve_template(&args.config.capt, ds.template());
             let scorer =
@@ -178,7 +179,7 @@ pub fn run(args: &B2nArgs) -> Result<Vec<B2nRow>> {
                 let mut parts = Vec::new();
                 let mut name = String::new();
                 for part in [Subsample::Base, Subsample::New] {
-                    let ds = load_dataset(kind, &args.root, split_file, 0, seed, part)?;
+                    let ds = Dataset::for_protocol(kind, &args.root, split_file, 0, seed, part)?;
                     name = ds.name.clone();
                     let scorer: Scorer = match &ckpt {
                         Some(dir) => {

@@ -3,7 +3,7 @@
 //! the model's vocabulary, and the frozen image encoder behind capt-data's feature cache.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -11,95 +11,17 @@ use capt_clip::{expected_tensors, ClipConfig, ClipModel, ClipTextTower, ClipVisi
 use capt_core::tokenizer::CONTEXT_LENGTH;
 use capt_core::{ClipTokenizer, ImageBatch};
 use capt_data::{EncodedViews, FrozenImageEncoder};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainError};
 use crate::rng;
 
-/// Where the backbone comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackboneSpec {
-    /// `ClipConfig::tiny()` with weights drawn from a fixed seed: a few-kB model for tests and
-    /// smoke runs (its features are meaningless).
-    Tiny,
-    /// An HF-format directory or a `.safetensors` state dict (see `ClipModel::load`).
-    Path(PathBuf),
-    /// A checkpoint with an `--arch` name for what its files cannot tell (activation, head
-    /// width; `capt_clip::arch_hint`).
-    WithArch { path: PathBuf, arch: String },
-    /// A Hugging Face hub id (`org/name[@revision]`, not an existing local path), fetched into
-    /// the hub cache (`capt_clip::hub`); recorded as `org/name@<commit>`.
-    Hub {
-        id: capt_clip::hub::HubId,
-        arch: Option<String>,
-    },
-}
-
-impl BackboneSpec {
-    pub fn parse(s: &str) -> Self {
-        if s == "tiny" {
-            BackboneSpec::Tiny
-        } else if let Some(id) = capt_clip::hub::HubId::parse(s) {
-            BackboneSpec::Hub { id, arch: None }
-        } else {
-            BackboneSpec::Path(PathBuf::from(s))
-        }
-    }
-
-    /// This checkpoint with `--arch` (when given); `tiny` takes none.
-    pub fn with_arch(self, arch: Option<&str>) -> Result<Self> {
-        match (self, arch) {
-            (spec, None) => Ok(spec),
-            (BackboneSpec::Tiny, Some(a)) => Err(TrainError::Config(format!(
-                "--arch {a}: the tiny backbone has a fixed architecture; drop --arch"
-            ))),
-            (BackboneSpec::Path(path) | BackboneSpec::WithArch { path, .. }, Some(a)) => {
-                capt_clip::arch_hint(a)?;
-                Ok(BackboneSpec::WithArch {
-                    path,
-                    arch: a.to_string(),
-                })
-            }
-            (BackboneSpec::Hub { id, .. }, Some(a)) => {
-                capt_clip::arch_hint(a)?;
-                Ok(BackboneSpec::Hub {
-                    id,
-                    arch: Some(a.to_string()),
-                })
-            }
-        }
-    }
-
-    /// What `state.json` records as the backbone path (absolute when it exists, so a
-    /// checkpoint finds its backbone from any working directory).
-    pub fn display(&self) -> String {
-        match self {
-            BackboneSpec::Tiny => "tiny".into(),
-            BackboneSpec::Path(p) | BackboneSpec::WithArch { path: p, .. } => {
-                std::fs::canonicalize(p)
-                    .unwrap_or_else(|_| p.clone())
-                    .display()
-                    .to_string()
-            }
-            BackboneSpec::Hub { id, .. } => match &id.revision {
-                Some(r) => format!("{}@{r}", id.repo),
-                None => id.repo.clone(),
-            },
-        }
-    }
-}
+pub use capt_clip::BackboneSpec;
 
 /// Seed of the `tiny` backbone's weights (fixed, so every run shares one tiny backbone).
 pub const TINY_SEED: u64 = 0x7157;
 
-/// `state.json`'s record of the backbone.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BackboneRecord {
-    pub path: String,
-    pub sha256: String,
-    pub config: ClipConfig,
-}
+pub use capt_checkpoint::BackboneRecord;
 
 /// Maps tokenizer ids into the model's vocabulary. Real CLIP checkpoints have the
 /// tokenizer's 49,408 entries (identity). Small test models (`tiny`, vocab 600) fold ids:
@@ -107,8 +29,6 @@ pub struct BackboneRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenMap {
     vocab: usize,
-    sot: u32,
-    eot: u32,
     fold: bool,
 }
 
@@ -129,21 +49,16 @@ impl TokenMap {
         }
         Ok(Self {
             vocab: model_vocab,
-            sot: tokenizer.sot(),
-            eot: tokenizer.eot(),
             fold,
         })
     }
 
+    /// The folding rule is `capt_model::tokens::map_token`'s (the exported text encoder's).
     pub fn map(&self, id: u32) -> u32 {
-        if !self.fold {
-            id
-        } else if id == self.eot {
-            (self.vocab - 1) as u32
-        } else if id == self.sot {
-            (self.vocab - 2) as u32
+        if self.fold {
+            capt_model::tokens::map_token(id, self.vocab)
         } else {
-            id % (self.vocab - 2) as u32
+            id
         }
     }
 }
@@ -189,20 +104,14 @@ impl Backbone {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let (p, arch, recorded) = match spec {
-            BackboneSpec::Tiny => {
-                return Self::random(&ClipConfig::tiny(), TINY_SEED, true, dtype, device)
-            }
-            BackboneSpec::Path(p) => (p.clone(), None, spec.display()),
-            BackboneSpec::WithArch { path, arch } => {
-                (path.clone(), Some(arch.as_str()), spec.display())
-            }
-            BackboneSpec::Hub { id, arch } => {
-                let r = capt_clip::hub::resolve(id, &capt_clip::hub::HubSettings::from_env())?;
-                (r.dir, arch.as_deref(), r.pinned)
-            }
+        let Some(r) = spec.resolve()? else {
+            return Self::random(&ClipConfig::tiny(), TINY_SEED, true, dtype, device);
         };
-        let opts = capt_clip::LoadOptions { config, arch };
+        let (p, recorded) = (r.path, r.recorded);
+        let opts = capt_clip::LoadOptions {
+            config,
+            arch: r.arch.as_deref(),
+        };
         let model = ClipModel::load_with(&p, &opts, dtype, device)?;
         let sha256 = capt_clip::backbone_hash(&p)?;
         let config = model.config().clone();

@@ -35,18 +35,19 @@ struct SamplesArgs {
     n: usize,
 }
 
-#[derive(clap::Args)]
-struct DatasetArgs {
+/// The dataset a command reads (`data *`, `fit`, `eval`, `zeroshot`).
+#[derive(clap::Args, Clone)]
+pub(crate) struct DatasetArgs {
     /// Dataset name (CoOp's: OxfordPets, DescribableTextures, ImageNet, ..., or `custom`).
     #[arg(long, value_name = "NAME")]
-    dataset: DatasetKind,
+    pub dataset: DatasetKind,
     /// CoOp's $DATA folder (holding oxford_pets/, dtd/, ...); for `custom`, the dataset folder.
     #[arg(long, value_name = "DIR")]
-    root: PathBuf,
+    pub root: PathBuf,
     /// Use this split file instead of the dataset's split_zhou_*.json (relative paths are
     /// looked up in the dataset folder).
     #[arg(long, value_name = "FILE")]
-    split_file: Option<PathBuf>,
+    pub split_file: Option<PathBuf>,
 }
 
 impl DatasetArgs {

@@ -35,6 +35,9 @@ pub enum TrainError {
     #[error(transparent)]
     Head(#[from] capt_method::head::HeadError),
 
+    #[error(transparent)]
+    Stored(#[from] capt_checkpoint::CheckpointError),
+
     #[error("cannot {what} {}: {source}", path.display())]
     Io {
         what: &'static str,

@@ -6,9 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use capt_core::fs::write_atomic;
 use capt_data::{Dataset, DatasetKind, Split, Subsample};
-use capt_method::head::HeadConfig;
-use capt_method::metrics::{harmonic_mean, write_atomic, ConfusionMatrix};
+use capt_graph::HostTensor;
+use capt_method::classes::{retarget, ClassTables, HeadRule};
+use capt_method::head::HeadTables;
+use capt_method::metrics::{harmonic_mean, ConfusionMatrix};
 use capt_method::{ConfusionBank, Method};
 use serde::{Deserialize, Serialize};
 
@@ -17,10 +20,9 @@ use crate::checkpoint::{self, State};
 use crate::config::RunConfig;
 use crate::error::{Result, TrainError};
 use crate::features::for_each_eval_batch;
-use crate::fit::load_dataset;
 use crate::model::{argmax_rows, resolve_template, Feats, Model};
 use crate::params::read_safetensors;
-use crate::tables::TableCache;
+use crate::tables::{CandleEncoder, TableCache};
 
 /// Which classes an evaluation covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,41 +218,69 @@ pub fn scorer_from_checkpoint(
             cache,
         });
     }
-    let mut class_emb = model.class_embeddings(false)?;
-    let cache = match &model.head {
-        Some(hc) => {
-            let bank = ConfusionBank::new(
-                model.num_classes(),
-                model.backbone.dim(),
-                model.local_tokens,
-                &cfg.capt.bank,
-            );
-            let fresh = TableCache::build(&model, &bank)?;
-            // Every trained class in the list (e.g. `--classes all`): they keep the trained
-            // candidates, pair tables and bank cells; the others get the prior and no cells.
-            let trained: Option<Vec<usize>> = state
-                .class_names
-                .iter()
-                .map(|n| classnames.iter().position(|m| m == n))
-                .collect();
-            match trained {
-                Some(trained) => {
-                    let t = read_tables()?;
-                    let trained_hc = HeadConfig::from_config(
-                        &cfg.capt,
-                        state.class_names.len(),
-                        hc.dim,
-                        hc.local_tokens,
-                    )?;
-                    let saved = TableCache::from_checkpoint(&t, &trained_hc)?;
-                    let merged = TableCache::with_trained(fresh, &saved, &trained)?;
-                    class_emb = merged.class_emb.clone();
-                    Some(merged)
+    // Every trained class in the list (e.g. `--classes all`): the trained state retargeted to
+    // the list by the one class rule (`capt_method::classes`, also the exporter's and the
+    // edge's); else the list's own embeddings and, for CAPT, prior-only tables.
+    let all_trained = state.class_names.iter().all(|n| classnames.contains(n));
+    let (class_emb, cache) = if all_trained {
+        let t = read_tables()?;
+        let tp = dir.join(checkpoint::TABLES);
+        let host = |n: &str| -> Result<HostTensor> {
+            let v = t
+                .get(n)
+                .ok_or_else(|| TrainError::checkpoint(&tp, format!("has no `{n}`")))?;
+            let v = if v.dtype().is_float() {
+                v.to_dtype(DType::F32)?
+            } else {
+                v.clone()
+            };
+            Ok(HostTensor::from_candle(&v)?)
+        };
+        let saved = ClassTables {
+            names: state.class_names.clone(),
+            class_emb: host("class_emb")?,
+            head: match &model.head {
+                Some(_) => Some(HeadTables::try_named(host)?),
+                None => None,
+            },
+        };
+        let rule = HeadRule {
+            k_cand: cfg.capt.sem.k_cand,
+            prior_beta: cfg.capt.bank.prior_beta,
+            prior_temperature: cfg.capt.bank.prior_temperature,
+        };
+        let mut enc = CandleEncoder::new(&model);
+        let out = retarget(saved, classnames, Some(&rule), &mut enc)
+            .map_err(|e| TrainError::Config(format!("classes beyond the trained ones: {e}")))?;
+        let dev = &model.backbone.device;
+        let work = model.backbone.work;
+        let class_emb = out.class_emb.to_candle(dev, work)?;
+        let cache = match (&model.head, out.head) {
+            (Some(hc), Some(h)) => {
+                let mut named = std::collections::BTreeMap::new();
+                for (n, v) in h.into_named() {
+                    named.insert(n.to_string(), v.to_candle(dev, work)?);
                 }
-                None => Some(fresh),
+                named.insert("class_emb".to_string(), class_emb.clone());
+                Some(TableCache::from_checkpoint(&named, hc)?)
             }
-        }
-        None => None,
+            _ => None,
+        };
+        (class_emb, cache)
+    } else {
+        let cache = match &model.head {
+            Some(_) => {
+                let bank = ConfusionBank::new(
+                    model.num_classes(),
+                    model.backbone.dim(),
+                    model.local_tokens,
+                    &cfg.capt.bank,
+                );
+                Some(TableCache::build(&model, &bank)?)
+            }
+            None => None,
+        };
+        (model.class_embeddings(false)?, cache)
     };
     Ok(Scorer {
         model,
@@ -567,7 +597,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<(Report, PathBuf)> {
     let mut parts = Vec::new();
     let mut dataset_name = String::new();
     for part in subsample.parts() {
-        let ds = load_dataset(
+        let ds = Dataset::for_protocol(
             args.dataset,
             &args.root,
             args.split_file.as_deref(),

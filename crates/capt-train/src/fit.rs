@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use capt_data::{Dataset, DatasetKind, FewShotCache, LoadOptions, Protocol, Subsample};
+use capt_data::{Dataset, DatasetKind, Subsample};
 use capt_method::ConfusionBank;
 use serde::{Deserialize, Serialize};
 
@@ -89,49 +89,6 @@ pub struct FitSummary {
     pub logs: Vec<EpochLog>,
 }
 
-/// Loads a dataset with the run's few-shot protocol (no writes into the data folder).
-pub fn load_dataset(
-    kind: DatasetKind,
-    root: &Path,
-    split_file: Option<&Path>,
-    shots: usize,
-    seed: u64,
-    subsample: Subsample,
-) -> Result<Dataset> {
-    let opts = LoadOptions {
-        split_file: split_file.map(Path::to_path_buf),
-        ..LoadOptions::new(kind, root)
-    };
-    let ds = Dataset::load_with(&opts)?;
-    // A label no split row names would become a class without a single image (named
-    // `class_<i>`) that the model could still predict: refuse it here, where it is used.
-    let mut seen = vec![false; ds.classnames.len()];
-    for d in ds.train().iter().chain(ds.val()).chain(ds.test()) {
-        if let Some(s) = seen.get_mut(d.label) {
-            *s = true;
-        }
-    }
-    let empty: Vec<String> = seen
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !**s)
-        .map(|(l, _)| l.to_string())
-        .collect();
-    if !empty.is_empty() {
-        return Err(TrainError::Config(format!(
-            "{}: labels {} have no images in any split ({} classes); add their images or renumber \
-             the labels of the split file so every class has some (`capt-train data check` lists them)",
-            ds.name,
-            empty.join(", "),
-            ds.classnames.len()
-        )));
-    }
-    let mut p = Protocol::new(shots, seed as i64, subsample);
-    p.cache = FewShotCache::Off;
-    let (ds, _) = ds.with_protocol(&p)?;
-    Ok(ds)
-}
-
 pub fn fit(args: &FitArgs) -> Result<FitSummary> {
     let run_cfg = args.config.effective();
     let cfg = &run_cfg;
@@ -149,7 +106,7 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
     std::fs::write(&probe, b"").map_err(|e| TrainError::io("write into output folder", out, e))?;
     let _ = std::fs::remove_file(&probe);
 
-    let ds = load_dataset(
+    let ds = Dataset::for_protocol(
         args.dataset,
         &args.root,
         args.split_file.as_deref(),
@@ -222,7 +179,7 @@ pub fn fit(args: &FitArgs) -> Result<FitSummary> {
         }
     }
     let cfg_path = out.join("config.toml");
-    capt_method::metrics::write_atomic(&cfg_path, cfg.to_toml_string().as_bytes())
+    capt_core::fs::write_atomic(&cfg_path, cfg.to_toml_string().as_bytes())
         .map_err(|e| TrainError::io("write", &cfg_path, e))?;
     truncate_log(out, start_epoch)?;
 
@@ -645,6 +602,5 @@ fn truncate_log(out: &Path, epoch: usize) -> Result<()> {
     if !text.is_empty() {
         text.push('\n');
     }
-    capt_method::metrics::write_atomic(&p, text.as_bytes())
-        .map_err(|e| TrainError::io("write", &p, e))
+    capt_core::fs::write_atomic(&p, text.as_bytes()).map_err(|e| TrainError::io("write", &p, e))
 }

@@ -8,23 +8,28 @@
 //! - [`b2n`]: the base-to-novel table over datasets, seeds and methods.
 //! - [`bench`](mod@bench): training-step cost of CoOp vs CAPT.
 
+// The public surface: what the binary, the exporter's parity tests and the benchmarks use.
 pub mod b2n;
 pub mod backbone;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
-pub mod desc;
-pub mod error;
 pub mod evaluate;
-pub mod features;
 pub mod fit;
-pub mod heatmap;
 pub mod model;
-pub mod optim;
-pub mod params;
 pub mod progress;
-pub mod prompts;
-pub mod rng;
-pub mod tables;
+
+mod desc;
+mod error;
+mod features;
+mod heatmap;
+mod optim;
+mod params;
+mod prompts;
+mod rng;
+mod tables;
+
+#[cfg(test)]
+mod grad_tests;
 
 pub use error::{Result, TrainError};

@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 
 mod data_cmd;
 
+use data_cmd::DatasetArgs;
+
 #[derive(Parser)]
 #[command(
     name = "capt-train",
@@ -130,6 +132,24 @@ impl ConfigArgs {
     }
 }
 
+/// The frozen CLIP a command loads (fit, zeroshot, b2n).
+#[derive(Args, Clone)]
+struct BackboneArgs {
+    /// CLIP checkpoint: HF folder, .safetensors, or PyTorch .pt/.bin (e.g. OpenAI's ViT-B-16.pt); or `tiny` (random test model).
+    #[arg(long, value_name = "DIR|tiny")]
+    backbone: String,
+    /// For a checkpoint without a config (an open_clip or OpenAI state dict): the open_clip
+    /// model name (ViT-B-16 = GELU, ViT-B-16-quickgelu = QuickGELU) or `openai`.
+    #[arg(long, value_name = "NAME")]
+    arch: Option<String>,
+}
+
+impl BackboneArgs {
+    fn spec(&self) -> anyhow::Result<BackboneSpec> {
+        Ok(BackboneSpec::parse(&self.backbone).with_arch(self.arch.as_deref())?)
+    }
+}
+
 #[derive(Args, Clone)]
 struct DeviceArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
@@ -142,22 +162,10 @@ struct DeviceArgs {
 
 #[derive(Args)]
 struct FitCli {
-    /// Dataset name (OxfordPets, DescribableTextures / dtd, ...).
-    #[arg(long, value_name = "NAME")]
-    dataset: DatasetKind,
-    /// CoOp's $DATA folder.
-    #[arg(long, value_name = "DIR")]
-    root: PathBuf,
-    /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
-    #[arg(long, value_name = "FILE")]
-    split_file: Option<PathBuf>,
-    /// CLIP checkpoint: HF folder, .safetensors, or PyTorch .pt/.bin (e.g. OpenAI's ViT-B-16.pt); or `tiny` (random test model).
-    #[arg(long, value_name = "DIR|tiny")]
-    backbone: String,
-    /// For a checkpoint without a config (an open_clip or OpenAI state dict): the open_clip
-    /// model name (ViT-B-16 = GELU, ViT-B-16-quickgelu = QuickGELU) or `openai`.
-    #[arg(long, value_name = "NAME")]
-    arch: Option<String>,
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[command(flatten)]
+    backbone: BackboneArgs,
     #[command(flatten)]
     cfg: ConfigArgs,
     /// Run seed (few-shot sampling, initialisation, batch order); default: first of data.seeds.
@@ -190,15 +198,8 @@ struct EvalCli {
     /// Checkpoint folder, or a run's --out folder (its LATEST checkpoint).
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
-    /// Dataset name (OxfordPets, DescribableTextures / dtd, ...).
-    #[arg(long, value_name = "NAME")]
-    dataset: DatasetKind,
-    /// CoOp's $DATA folder.
-    #[arg(long, value_name = "DIR")]
-    root: PathBuf,
-    /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
-    #[arg(long, value_name = "FILE")]
-    split_file: Option<PathBuf>,
+    #[command(flatten)]
+    data: DatasetArgs,
     /// train, val or test.
     #[arg(long, default_value = "test", value_parser = parse_split)]
     split: Split,
@@ -223,22 +224,10 @@ struct EvalCli {
 
 #[derive(Args)]
 struct ZeroshotCli {
-    /// Dataset name (OxfordPets, DescribableTextures / dtd, ...).
-    #[arg(long, value_name = "NAME")]
-    dataset: DatasetKind,
-    /// CoOp's $DATA folder.
-    #[arg(long, value_name = "DIR")]
-    root: PathBuf,
-    /// Split file (CoOp `split_zhou_*.json` layout), relative to the dataset folder; default CoOp's own.
-    #[arg(long, value_name = "FILE")]
-    split_file: Option<PathBuf>,
-    /// CLIP checkpoint: HF folder, .safetensors, or PyTorch .pt/.bin (e.g. OpenAI's ViT-B-16.pt); or `tiny` (random test model).
-    #[arg(long, value_name = "DIR|tiny")]
-    backbone: String,
-    /// For a checkpoint without a config (an open_clip or OpenAI state dict): the open_clip
-    /// model name (ViT-B-16 = GELU, ViT-B-16-quickgelu = QuickGELU) or `openai`.
-    #[arg(long, value_name = "NAME")]
-    arch: Option<String>,
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// train, val or test.
     #[arg(long, default_value = "test", value_parser = parse_split)]
     split: Split,
@@ -279,13 +268,8 @@ struct B2nCli {
     /// after `split_zhou_` (e.g. `split_mini_{name}.json`); relative to each dataset folder.
     #[arg(long, value_name = "TEMPLATE")]
     split_file: Option<String>,
-    /// CLIP checkpoint: HF folder, .safetensors, or PyTorch .pt/.bin (e.g. OpenAI's ViT-B-16.pt); or `tiny` (random test model).
-    #[arg(long, value_name = "DIR|tiny")]
-    backbone: String,
-    /// For a checkpoint without a config (an open_clip or OpenAI state dict): the open_clip
-    /// model name (ViT-B-16 = GELU, ViT-B-16-quickgelu = QuickGELU) or `openai`.
-    #[arg(long, value_name = "NAME")]
-    arch: Option<String>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
     #[command(flatten)]
     cfg: ConfigArgs,
     /// Output folder: one run folder per dataset/method/seed, b2n.md and b2n.csv.
@@ -418,7 +402,7 @@ fn run_fit(a: FitCli) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| config.capt.data.seeds.first().copied().unwrap_or(1));
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from("runs")
-            .join(a.dataset.name())
+            .join(a.data.dataset.name())
             .join(config.capt.method.name())
             .join(format!(
                 "{}-shots{}-seed{seed}",
@@ -426,11 +410,11 @@ fn run_fit(a: FitCli) -> anyhow::Result<ExitCode> {
             ))
     });
     let summary = fit::fit(&fit::FitArgs {
-        dataset: a.dataset,
-        root: a.root,
-        split_file: a.split_file,
+        dataset: a.data.dataset,
+        root: a.data.root,
+        split_file: a.data.split_file,
         config,
-        backbone: BackboneSpec::parse(&a.backbone).with_arch(a.arch.as_deref())?,
+        backbone: a.backbone.spec()?,
         device: parse_device(&a.device.device)?,
         dtype: parse_dtype(&a.device.dtype)?,
         seed,
@@ -489,9 +473,9 @@ fn run_eval(a: EvalCli) -> anyhow::Result<ExitCode> {
     progress::set_enabled(!a.no_progress);
     let (report, out) = evaluate::evaluate(&evaluate::EvalArgs {
         checkpoint: Some(a.checkpoint),
-        dataset: a.dataset,
-        root: a.root,
-        split_file: a.split_file,
+        dataset: a.data.dataset,
+        root: a.data.root,
+        split_file: a.data.split_file,
         split: a.split,
         subsample: a.subsample,
         baseline: a.baseline,
@@ -513,13 +497,13 @@ fn run_zeroshot(a: ZeroshotCli) -> anyhow::Result<ExitCode> {
     };
     let (report, out) = evaluate::evaluate(&evaluate::EvalArgs {
         checkpoint: None,
-        dataset: a.dataset,
-        root: a.root,
-        split_file: a.split_file,
+        dataset: a.data.dataset,
+        root: a.data.root,
+        split_file: a.data.split_file,
         split: a.split,
         subsample: Some(a.subsample),
         baseline: a.baseline,
-        backbone: Some(BackboneSpec::parse(&a.backbone).with_arch(a.arch.as_deref())?),
+        backbone: Some(a.backbone.spec()?),
         device: parse_device(&a.device.device)?,
         dtype: parse_dtype(&a.device.dtype)?,
         out: a.out,
@@ -539,7 +523,7 @@ fn run_b2n(a: B2nCli) -> anyhow::Result<ExitCode> {
         root: a.root,
         split_file: a.split_file,
         config,
-        backbone: BackboneSpec::parse(&a.backbone).with_arch(a.arch.as_deref())?,
+        backbone: a.backbone.spec()?,
         device: parse_device(&a.device.device)?,
         dtype: parse_dtype(&a.device.dtype)?,
         out: a.out,

@@ -96,7 +96,7 @@ impl Model {
                 prompts::init_sem_params(&mut params, &backbone, c, seed)?;
             }
             for (name, shape, data) in head::init_head_params(&hc, seed) {
-                params.from_data(&name, &shape, data, &backbone.device)?;
+                params.insert_data(&name, &shape, data, &backbone.device)?;
             }
             Some(hc)
         } else {

@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn matches_torch_sgd_by_hand() {
         let mut ps = ParamStore::new(DType::F32);
-        ps.from_data("w", &[2], vec![1.0, -2.0], &Device::Cpu)
+        ps.insert_data("w", &[2], vec![1.0, -2.0], &Device::Cpu)
             .unwrap();
         let mut opt = Sgd::new(0.9, 0.1, None);
         let mut p = [1.0f64, -2.0];
@@ -199,8 +199,8 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_global_norm() {
         let mut ps = ParamStore::new(DType::F32);
-        ps.from_data("a", &[1], vec![3.0], &Device::Cpu).unwrap();
-        ps.from_data("b", &[1], vec![4.0], &Device::Cpu).unwrap();
+        ps.insert_data("a", &[1], vec![3.0], &Device::Cpu).unwrap();
+        ps.insert_data("b", &[1], vec![4.0], &Device::Cpu).unwrap();
         // loss = a*1 + b*1 after scaling the values: grads 3 and 4 via loss = (a^2 + b^2) / 2.
         let loss = ((ps.get("a").unwrap().sqr().unwrap() + ps.get("b").unwrap().sqr().unwrap())
             .unwrap()

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use safetensors::tensor::{Dtype, TensorView};
 
 use crate::error::{Result, TrainError};
 
@@ -36,7 +35,7 @@ impl ParamStore {
         Ok(())
     }
 
-    pub fn from_data(
+    pub fn insert_data(
         &mut self,
         name: &str,
         shape: &[usize],
@@ -148,83 +147,34 @@ impl ParamStore {
     }
 }
 
-/// Serialises F32/I64 tensors (sorted by name) with optional metadata.
+/// Serialises F32/I64 tensors (sorted by name) with optional metadata, through
+/// [`capt_checkpoint::serialize_tensors`] (the exporter reads what it writes).
 pub fn tensors_to_safetensors(
     tensors: &[(String, Tensor)],
     meta: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    let mut host = std::collections::BTreeMap::new();
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?;
-        let (dt, bytes) = match t.dtype() {
-            DType::I64 => (
-                Dtype::I64,
-                t.flatten_all()?
-                    .to_vec1::<i64>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ),
-            _ => (
-                Dtype::F32,
-                t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ),
+        let t = if t.dtype() == DType::I64 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
         };
-        data.push((name.clone(), dt, t.dims().to_vec(), bytes));
+        host.insert(name.clone(), capt_graph::HostTensor::from_candle(&t)?);
     }
-    data.sort_by(|a, b| a.0.cmp(&b.0));
-    let views: Vec<(String, TensorView<'_>)> = data
-        .iter()
-        .map(|(n, dt, shape, bytes)| {
-            let v = TensorView::new(*dt, shape.clone(), bytes).expect("shape matches data");
-            (n.clone(), v)
-        })
-        .collect();
-    safetensors::serialize(views, meta)
-        .map_err(|e| TrainError::Config(format!("cannot serialise tensors: {e}")))
+    Ok(capt_checkpoint::serialize_tensors(&host, meta)?)
 }
 
-/// Reads F32 / I64 tensors of a safetensors file into candle tensors on `device`.
+/// Reads F32 / I64 tensors of a safetensors file into candle tensors on `device` (parsed by
+/// [`capt_checkpoint::parse_tensors`], the exporter's reader too).
 pub fn read_safetensors(
     bytes: &[u8],
     source: &Path,
     device: &Device,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| TrainError::checkpoint(source, format!("not a safetensors file: {e}")))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let shape = view.shape().to_vec();
-        let t = match view.dtype() {
-            Dtype::F32 => {
-                let v: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Tensor::from_vec(v, shape.as_slice(), device)?
-            }
-            Dtype::I64 => {
-                let v: Vec<i64> = view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect();
-                Tensor::from_vec(v, shape.as_slice(), device)?
-            }
-            other => {
-                return Err(TrainError::checkpoint(
-                    source,
-                    format!("tensor `{name}` has dtype {other:?}; expected F32 or I64"),
-                ))
-            }
-        };
-        out.insert(name, t);
-    }
-    Ok(out)
+    capt_checkpoint::parse_tensors(bytes, source)?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_candle(device, DType::F32)?)))
+        .collect()
 }

@@ -35,8 +35,8 @@ impl Family {
     pub fn text(self, a: &str, b: &str) -> String {
         let (a, b) = (prompt_classname(a), prompt_classname(b));
         match self {
-            Family::Com => format!("{a} and {b}."),
-            Family::Dif => format!("{a}, not {b}."),
+            Family::Com => capt_model::spec::com_text(&a, &b),
+            Family::Dif => capt_model::spec::dif_text(&a, &b),
         }
     }
 }
@@ -124,7 +124,7 @@ pub fn init_prompt_params(
             n * w,
             0.02,
         );
-        params.from_data(&name, &[n, w], data, &backbone.device)?;
+        params.insert_data(&name, &[n, w], data, &backbone.device)?;
     }
     if cfg.vision_depth > 0 {
         let vl = backbone.config.vision.num_hidden_layers;
@@ -144,7 +144,7 @@ pub fn init_prompt_params(
                 nv * wv,
                 0.02,
             );
-            params.from_data(&name, &[nv, wv], data, &backbone.device)?;
+            params.insert_data(&name, &[nv, wv], data, &backbone.device)?;
         }
     }
     Ok(())

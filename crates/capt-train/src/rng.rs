@@ -47,13 +47,6 @@ pub fn normal<R: Rng + ?Sized>(rng: &mut R, n: usize, std: f64) -> Vec<f32> {
     out
 }
 
-/// `n` draws of U(-bound, bound).
-pub fn uniform<R: Rng + ?Sized>(rng: &mut R, n: usize, bound: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
-        .collect()
-}
-
 /// Fisher-Yates shuffle of `0..n`.
 pub fn permutation<R: Rng + ?Sized>(rng: &mut R, n: usize) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();

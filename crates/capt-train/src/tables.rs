@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use candle_core::{DType, Tensor};
 use capt_method::bank::{top_candidates, ConfusionBank};
+use capt_method::classes::{ClassError, Prompt, PromptEncoder};
 use capt_method::head::{HeadConfig, HeadTables};
 
 use crate::error::{Result, TrainError};
@@ -389,100 +390,89 @@ impl TableCache {
     }
 }
 
-impl TableCache {
-    /// Tables for a class list that contains the trained classes (`trained[i]` = position of
-    /// trained class i in the new list): trained classes keep their saved candidates, weights,
-    /// `t_com` / `t_dif` rows and bank cells, so their logits do not move; the other classes
-    /// take `fresh` (text prior over the whole list, empty cells). When the new list allows
-    /// more candidates than were trained, a trained class's extra slots take fresh candidates
-    /// at weight 0 (never chosen over a real one).
-    pub fn with_trained(fresh: TableCache, saved: &TableCache, trained: &[usize]) -> Result<Self> {
-        let (c, k, ks) = (fresh.num_classes, fresh.k, saved.k);
-        if trained.len() != saved.num_classes || ks > k || trained.iter().any(|&p| p >= c) {
-            return Err(TrainError::Config(format!(
-                "cannot place {} trained classes ({ks} candidates) into {c} classes ({k} candidates)",
-                saved.num_classes
-            )));
+impl TableCache {}
+
+/// The trainer's text encoder for `capt_method::classes::retarget`: class prompts with the
+/// learned context, zero-shot prompts and SEM pair prompts of the model's own class list
+/// (the names a retarget asks for are the list it retargets to).
+pub struct CandleEncoder<'m> {
+    model: &'m Model,
+    index: HashMap<&'m str, usize>,
+    class_emb: Option<Tensor>,
+}
+
+impl<'m> CandleEncoder<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        let index = model
+            .classnames
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        Self {
+            model,
+            index,
+            class_emb: None,
         }
-        let dev = fresh.t_com.device().clone();
-        let m2 = {
-            let d = saved.cells.dims();
-            d[2] * d[3]
-        };
-        let mut cand_index = fresh.cand_index.clone();
-        let mut cand_weight = fresh.cand_weight.clone();
-        // Source row of every (class, slot): Some(saved row) or None (fresh row).
-        let mut from_saved: Vec<Option<usize>> = vec![None; c * k];
-        for (old, &new) in trained.iter().enumerate() {
-            let saved_cands: Vec<u32> = saved.cand_index[old * ks..(old + 1) * ks]
-                .iter()
-                .map(|&j| trained[j as usize] as u32)
-                .collect();
-            let extra: Vec<u32> = fresh.cand_index[new * k..(new + 1) * k]
-                .iter()
-                .copied()
-                .filter(|j| !saved_cands.contains(j))
-                .collect();
-            for slot in 0..k {
-                let r = new * k + slot;
-                if slot < ks {
-                    cand_index[r] = saved_cands[slot];
-                    cand_weight[r] = saved.cand_weight[old * ks + slot];
-                    from_saved[r] = Some(old * ks + slot);
-                } else {
-                    cand_index[r] = extra[slot - ks];
-                    cand_weight[r] = 0.0;
+    }
+
+    fn at(&self, name: &str) -> std::result::Result<usize, ClassError> {
+        self.index.get(name).copied().ok_or_else(|| {
+            ClassError::Input(format!("`{name}` is not a class of the model being scored"))
+        })
+    }
+
+    fn encode_all(&mut self, prompts: &[Prompt]) -> Result<Vec<Vec<f32>>> {
+        let named = |e: ClassError| TrainError::Config(e.to_string());
+        let mut out: Vec<Option<Tensor>> = vec![None; prompts.len()];
+        // Pair prompts in one encoder pass per family.
+        for fam in [Family::Com, Family::Dif] {
+            let mut at = Vec::new();
+            let mut pairs = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                match (p, fam) {
+                    (Prompt::Com(a, b), Family::Com) | (Prompt::Dif(a, b), Family::Dif) => {
+                        at.push(i);
+                        pairs.push((self.at(a).map_err(named)?, self.at(b).map_err(named)?));
+                    }
+                    _ => {}
+                }
+            }
+            if !pairs.is_empty() {
+                let e = encode_pairs(self.model, fam, &pairs, false)?;
+                for (r, &i) in at.iter().enumerate() {
+                    out[i] = Some(e.get(r)?);
                 }
             }
         }
-        let pick = |fresh_t: &Tensor, saved_t: &Tensor| -> Result<Tensor> {
-            let n_fresh = fresh_t.dim(0)?;
-            let idx: Vec<u32> = (0..c * k)
-                .map(|r| match from_saved[r] {
-                    Some(s) => (n_fresh + s) as u32,
-                    None => r as u32,
-                })
-                .collect();
-            let all = Tensor::cat(&[fresh_t, saved_t], 0)?;
-            Ok(all.index_select(&Tensor::from_vec(idx, c * k, &dev)?, 0)?)
-        };
-        let t_com = pick(&fresh.t_com, &saved.t_com)?;
-        let t_dif = pick(&fresh.t_dif, &saved.t_dif)?;
-        let t_dif_rev = pick(&fresh.t_dif_rev, &saved.t_dif_rev)?;
-        // Cells point into the saved pool; fresh classes have none (-1).
-        let saved_cells = saved.cells.flatten_all()?.to_vec1::<i64>()?;
-        let mut cells = vec![-1i64; c * k * m2];
-        for (r, src) in from_saved.iter().enumerate() {
-            if let Some(s) = src {
-                cells[r * m2..(r + 1) * m2].copy_from_slice(&saved_cells[s * m2..(s + 1) * m2]);
-            }
+        for (i, p) in prompts.iter().enumerate() {
+            let row = match p {
+                Prompt::Class(a) => {
+                    if self.class_emb.is_none() {
+                        self.class_emb = Some(self.model.class_embeddings(false)?);
+                    }
+                    let i = self.at(a).map_err(named)?;
+                    self.class_emb.as_ref().expect("set above").get(i)?
+                }
+                Prompt::ZeroShot(a) => self.model.zs_emb.get(self.at(a).map_err(named)?)?,
+                _ => continue,
+            };
+            out[i] = Some(row);
         }
-        let d = saved.cells.dims();
-        let cells = Tensor::from_vec(cells, (c, k, d[2], d[3]), &dev)?;
-        let dif_at = dif_rows(&cand_index, k);
-        // Class embeddings: the trained classes' saved rows.
-        let n_fresh = fresh.class_emb.dim(0)?;
-        let mut emb_idx: Vec<u32> = (0..c as u32).collect();
-        for (old, &new) in trained.iter().enumerate() {
-            emb_idx[new] = (n_fresh + old) as u32;
-        }
-        let class_emb = Tensor::cat(&[&fresh.class_emb, &saved.class_emb], 0)?
-            .index_select(&Tensor::from_vec(emb_idx, c, &dev)?, 0)?;
-        Ok(Self {
-            class_emb,
-            num_classes: c,
-            k,
-            cand_index,
-            cand_weight,
-            t_com,
-            t_dif,
-            t_dif_rev,
-            dif_at,
-            pool_global: saved.pool_global.clone(),
-            pool_local: saved.pool_local.clone(),
-            cells,
-            slot_sample: Vec::new(),
-        })
+        out.into_iter()
+            .map(|t| {
+                Ok(t.expect("every prompt encoded")
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?)
+            })
+            .collect()
+    }
+}
+
+impl PromptEncoder for CandleEncoder<'_> {
+    fn encode(&mut self, prompts: &[Prompt]) -> std::result::Result<Vec<Vec<f32>>, ClassError> {
+        self.encode_all(prompts)
+            .map_err(|e| ClassError::Encoder(Box::new(e)))
     }
 }
 

@@ -1,23 +1,17 @@
 //! `capt-train data check` on the shipped fixture, on a broken copy, and on bad names.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/coop")
 }
 
+mod common;
+
+/// `capt-train ARGS`: (exit code, stdout, stderr), through the suite's one runner.
 fn capt_train(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_capt-train"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = common::capt_train(args);
+    (r.code, r.stdout, r.stderr)
 }
 
 /// A scratch folder removed on drop (no tempfile dependency in this crate).

@@ -58,18 +58,15 @@ pub const ACTIVE_GAINS: [f32; 3] = [0.6, -0.4, 0.5];
 
 /// Writes `gains` into the checkpoint of run `out` (`capt.mgde.gains` in learned.safetensors).
 pub fn set_gains(out: &Path, gains: [f32; 3]) {
-    let dir = capt_train::checkpoint::resolve(out).unwrap();
-    let path = dir.join(capt_train::checkpoint::LEARNED);
-    let bytes = std::fs::read(&path).unwrap();
-    let mut t = capt_train::params::read_safetensors(&bytes, &path, &Device::Cpu).unwrap();
+    let dir = capt_checkpoint::resolve(out).unwrap();
+    let mut t = capt_checkpoint::read_tensors(&dir, capt_checkpoint::LEARNED).unwrap();
     let g = t
         .get_mut(capt_method::head::GAINS)
         .expect("a CAPT checkpoint has gains");
-    *g = Tensor::from_slice(&gains, g.dims(), &Device::Cpu).unwrap();
-    let list: Vec<(String, Tensor)> = t.into_iter().collect();
+    *g = capt_graph::HostTensor::f32(g.dims().to_vec(), gains.to_vec()).unwrap();
     std::fs::write(
-        &path,
-        capt_train::params::tensors_to_safetensors(&list, None).unwrap(),
+        dir.join(capt_checkpoint::LEARNED),
+        capt_checkpoint::serialize_tensors(&t, None).unwrap(),
     )
     .unwrap();
 }

@@ -1,10 +1,10 @@
-//! Emits the graphs of an [`ExportSource`] and writes the model directory atomically.
+//! The graphs of a [`Package`] (one emitter each) and the model directory written atomically.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use capt_backend::{FileEntry, Manifest, ModelFiles, FORMAT_VERSION, MANIFEST_FILE};
+use capt_backend::{FileEntry, Manifest, ModelFiles, Precision, FORMAT_VERSION, MANIFEST_FILE};
 use capt_core::PreprocessConfig;
 use capt_graph::{DType, HostTensor};
 use capt_model::{graphs, ModelSpec};
@@ -12,31 +12,25 @@ use capt_onnx::{
     pb, BuildOptions, Dim, F16Options, F16Report, ModelMeta, OnnxBuilder, QuantReport, WriteOptions,
 };
 
-use crate::error::{io, ExportError, Result};
-use crate::source::ExportSource;
+use crate::error::{io, PackageError, Result};
+use crate::io_names::*;
 use crate::triton;
 
-/// Compute precision of the graphs. Their interface (`pixel_values`, `input_ids`, `logits`,
-/// embeddings) is float32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// float32 everywhere.
-    #[default]
-    F32,
-    /// float16 weights and compute (GPU / TensorRT): the f32 graph rewritten by
-    /// `capt_onnx::to_f16_compute`, with the ops of `capt_onnx::DEFAULT_KEEP_F32` (norms, the
-    /// SEM pair top-k) left in f32. Half the file size.
-    F16,
-}
-
-impl Precision {
-    /// The manifest's `precision` value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-        }
-    }
+/// A model ready to be emitted: what it computes, for which classes, with which parameters.
+#[derive(Debug, Clone)]
+pub struct Package {
+    pub spec: ModelSpec,
+    pub class_names: Vec<String>,
+    /// Every parameter the graphs may read, by name (`capt_model::names`).
+    pub params: BTreeMap<String, HostTensor>,
+    pub model_name: String,
+    pub backbone_sha256: String,
+    /// The backbone as the checkpoint recorded it (a path, or `org/name@<commit>`).
+    pub backbone: String,
+    /// Digest of the checkpoint folder's files (empty for zero-shot exports).
+    pub source_checkpoint_sha256: String,
+    /// The graphs' `model_version`: 1 from an export, one more with each class edit.
+    pub version: i64,
 }
 
 /// Layout of the output directory.
@@ -98,9 +92,10 @@ pub struct ExportReport {
 
 pub use capt_onnx::INT8_MIN_ELEMS;
 
-fn metadata(src: &ExportSource, role: &str, precision: Precision) -> BTreeMap<String, String> {
+fn metadata(src: &Package, role: &str, precision: Precision) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("capt.graph".into(), role.into());
+    m.insert("capt.version".into(), src.version.to_string());
     m.insert("capt.precision".into(), precision.as_str().into());
     m.insert("capt.format_version".into(), FORMAT_VERSION.to_string());
     m.insert("capt.model_name".into(), src.model_name.clone());
@@ -141,7 +136,7 @@ fn builder(params: &BTreeMap<String, HostTensor>) -> OnnxBuilder {
 
 fn finish(
     b: OnnxBuilder,
-    src: &ExportSource,
+    src: &Package,
     role: &'static str,
     opts: &ExportOptions,
 ) -> Result<Graph> {
@@ -153,7 +148,7 @@ fn finish(
             src.class_names.len(),
             env!("CARGO_PKG_VERSION")
         ),
-        model_version: 1,
+        model_version: src.version,
         metadata: metadata(src, role, opts.precision),
     };
     Ok(Graph {
@@ -163,10 +158,10 @@ fn finish(
 }
 
 /// The image input `pixel_values f32 [N, 3, H, W]` (symbolic batch).
-fn pixel_input(b: &OnnxBuilder, src: &ExportSource) -> Result<capt_onnx::Value> {
+fn pixel_input(b: &OnnxBuilder, src: &Package) -> Result<capt_onnx::Value> {
     let s = src.spec.clip.vision.image_size;
     Ok(b.input(
-        "pixel_values",
+        PIXEL_VALUES,
         DType::F32,
         &["N".into(), 3.into(), s.into(), s.into()],
     )?)
@@ -174,40 +169,40 @@ fn pixel_input(b: &OnnxBuilder, src: &ExportSource) -> Result<capt_onnx::Value> 
 
 /// `classifier.onnx`: `pixel_values [N, 3, H, W]` -> `logits`, `probs` `[N, C]`.
 pub fn classifier_graph(
-    src: &ExportSource,
+    src: &Package,
     params: &BTreeMap<String, HostTensor>,
     opts: &ExportOptions,
 ) -> Result<Graph> {
     let b = builder(params);
     let x = pixel_input(&b, src)?;
     let out = graphs::classifier(&b, &src.spec, &x)?;
-    b.output("logits", &out.logits)?;
-    b.output("probs", &out.probs)?;
-    finish(b, src, "classifier", opts)
+    b.output(LOGITS, &out.logits)?;
+    b.output(PROBS, &out.probs)?;
+    finish(b, src, CLASSIFIER, opts)
 }
 
 /// `image_encoder.onnx`: `pixel_values` -> `image_embeds` (normalised), `global`, `local`.
-pub fn image_encoder_graph(src: &ExportSource, opts: &ExportOptions) -> Result<Graph> {
+pub fn image_encoder_graph(src: &Package, opts: &ExportOptions) -> Result<Graph> {
     let b = builder(&src.params);
     let x = pixel_input(&b, src)?;
     let out = graphs::image_encoder(&b, &src.spec, &x)?;
-    b.output("image_embeds", &out.image_embeds)?;
-    b.output("global", &out.global)?;
-    b.output("local", &out.local)?;
-    finish(b, src, "image_encoder", opts)
+    b.output(IMAGE_EMBEDS, &out.image_embeds)?;
+    b.output(GLOBAL, &out.global)?;
+    b.output(LOCAL, &out.local)?;
+    finish(b, src, IMAGE_ENCODER, opts)
 }
 
 /// `text_encoder.onnx`: `input_ids [M, 77]` (I64, model vocabulary) -> one `[M, D]` output
 /// per prompt family of the spec.
-pub fn text_encoder_graph(src: &ExportSource, opts: &ExportOptions) -> Result<Graph> {
+pub fn text_encoder_graph(src: &Package, opts: &ExportOptions) -> Result<Graph> {
     let b = builder(&src.params);
     let len = src.spec.clip.text.max_position_embeddings;
-    let ids = b.input("input_ids", DType::I64, &[Dim::Sym("M".into()), len.into()])?;
+    let ids = b.input(INPUT_IDS, DType::I64, &[Dim::Sym("M".into()), len.into()])?;
     let outs = graphs::text_encoder(&b, &src.spec, &ids, len)?;
     for (fam, o) in src.spec.text.families.iter().zip(&outs) {
         b.output(fam.output(), o)?;
     }
-    finish(b, src, "text_encoder", opts)
+    finish(b, src, TEXT_ENCODER, opts)
 }
 
 /// What [`build_graphs`] did beyond emitting the graphs.
@@ -218,7 +213,7 @@ pub struct BuildReport {
 }
 
 /// Emits every graph the options ask for (int8 or f16 applied), in a fixed order.
-pub fn build_graphs(src: &ExportSource, opts: &ExportOptions) -> Result<(Vec<Graph>, BuildReport)> {
+pub fn build_graphs(src: &Package, opts: &ExportOptions) -> Result<(Vec<Graph>, BuildReport)> {
     build_graphs_with(src, opts, &mut |_| {})
 }
 
@@ -231,12 +226,12 @@ pub fn export_steps(opts: &ExportOptions) -> usize {
 
 /// [`build_graphs`], calling `step(what)` after each graph and each pass over a graph.
 fn build_graphs_with(
-    src: &ExportSource,
+    src: &Package,
     opts: &ExportOptions,
     step: &mut dyn FnMut(&str),
 ) -> Result<(Vec<Graph>, BuildReport)> {
     if opts.opset != capt_onnx::OPSET {
-        return Err(ExportError::Input(format!(
+        return Err(PackageError::Input(format!(
             "--opset {}: capt writes opset {} (ReduceMean and Squeeze change form in 18); use --opset {}",
             opts.opset,
             capt_onnx::OPSET,
@@ -244,7 +239,7 @@ fn build_graphs_with(
         )));
     }
     if opts.int8 && opts.precision == Precision::F16 {
-        return Err(ExportError::Input(
+        return Err(PackageError::Input(
             "--int8 and --precision f16 are exclusive: int8 is for CPU edge devices, f16 for GPUs; pick one".into(),
         ));
     }
@@ -259,9 +254,10 @@ fn build_graphs_with(
         step("image encoder graph");
     }
     let mut quant: Option<QuantReport> = None;
-    if opts.int8 {
-        for g in graphs.iter_mut() {
-            let r = capt_onnx::quantize_weights_int8(&mut g.model, INT8_MIN_ELEMS)?;
+    let mut f16 = Vec::new();
+    for g in graphs.iter_mut() {
+        let (q, f) = apply_precision(g, opts)?;
+        if let Some(r) = q {
             let q = quant.get_or_insert_with(QuantReport::default);
             q.tensors += r.tensors;
             q.bytes_before += r.bytes_before;
@@ -269,24 +265,42 @@ fn build_graphs_with(
             q.max_abs_error = q.max_abs_error.max(r.max_abs_error);
             step("int8 weights");
         }
-    }
-    let mut f16 = Vec::new();
-    if opts.precision == Precision::F16 {
-        for g in graphs.iter_mut() {
-            f16.push((
-                g.role,
-                capt_onnx::to_f16_compute(&mut g.model, &F16Options::default())?,
-            ));
+        if let Some(f) = f {
+            f16.push((g.role, f));
             step("f16 compute");
         }
     }
     Ok((graphs, BuildReport { quant, f16 }))
 }
 
+/// The passes `opts` asks for on an emitted f32 graph: int8 weight storage, or f16 compute.
+pub(crate) fn apply_precision(
+    g: &mut Graph,
+    opts: &ExportOptions,
+) -> Result<(Option<QuantReport>, Option<F16Report>)> {
+    let quant = if opts.int8 {
+        Some(capt_onnx::quantize_weights_int8(
+            &mut g.model,
+            INT8_MIN_ELEMS,
+        )?)
+    } else {
+        None
+    };
+    let f16 = if opts.precision == Precision::F16 {
+        Some(capt_onnx::to_f16_compute(
+            &mut g.model,
+            &F16Options::default(),
+        )?)
+    } else {
+        None
+    };
+    Ok((quant, f16))
+}
+
 /// The manifest for graph files already written under `dir`: `(role, path relative to dir)`;
 /// the classifier must be among them.
 pub fn manifest(
-    src: &ExportSource,
+    src: &Package,
     dir: &Path,
     files: &[(&str, String)],
     precision: Precision,
@@ -296,14 +310,14 @@ pub fn manifest(
             return Ok(None);
         };
         let sha256 = capt_backend::sha256_file(&dir.join(path))
-            .map_err(|e| ExportError::Input(e.to_string()))?;
+            .map_err(|e| PackageError::Input(e.to_string()))?;
         Ok(Some(FileEntry {
             path: path.clone(),
             sha256,
         }))
     };
-    let classifier = entry("classifier")?
-        .ok_or_else(|| ExportError::Input("no classifier graph was written".into()))?;
+    let classifier = entry(CLASSIFIER)?
+        .ok_or_else(|| PackageError::Input("no classifier graph was written".into()))?;
     Ok(Manifest {
         format_version: FORMAT_VERSION,
         model_name: src.model_name.clone(),
@@ -313,21 +327,21 @@ pub fn manifest(
         method: src.spec.method.name().into(),
         files: ModelFiles {
             classifier,
-            text_encoder: entry("text_encoder")?,
-            image_encoder: entry("image_encoder")?,
+            text_encoder: entry(TEXT_ENCODER)?,
+            image_encoder: entry(IMAGE_ENCODER)?,
         },
         source_checkpoint_sha256: src.source_checkpoint_sha256.clone(),
         backbone: src.backbone.clone(),
         backbone_sha256: src.backbone_sha256.clone(),
         created_by: format!("capt-export {}", env!("CARGO_PKG_VERSION")),
         model_spec: Some(src.spec.to_json()),
-        precision: precision.as_str().into(),
+        precision,
     })
 }
 
 /// Writes `graphs` + `capt.json` into the (new, empty) directory `dir`.
 pub fn write_model_dir(
-    src: &ExportSource,
+    src: &Package,
     graphs: &[Graph],
     dir: &Path,
     precision: Precision,
@@ -349,30 +363,36 @@ pub fn write_model_dir(
         .map(|g| (g.role, format!("{}.onnx", g.role)))
         .collect();
     let m = manifest(src, dir, &entries, precision)?;
-    let text = serde_json::to_string_pretty(&m).expect("manifest serialises") + "\n";
-    let path = dir.join(MANIFEST_FILE);
-    std::fs::write(&path, &text).map_err(io(&path))?;
-    files.push((MANIFEST_FILE.into(), text.len() as u64));
+    files.push((MANIFEST_FILE.into(), write_manifest(dir, &m)?));
     Ok(files)
+}
+
+/// Writes `dir/capt.json` atomically (what a class edit's switch to a new classifier rests
+/// on); returns its size.
+pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<u64> {
+    let text = serde_json::to_string_pretty(m).expect("manifest serialises") + "\n";
+    let path = dir.join(MANIFEST_FILE);
+    capt_core::fs::write_atomic(&path, text.as_bytes()).map_err(io(&path))?;
+    Ok(text.len() as u64)
 }
 
 /// Builds and writes the export to `out` atomically: everything goes to a temporary sibling
 /// directory which is renamed into place only when complete (an existing `out` is replaced
 /// only with `force`).
-pub fn export(src: &ExportSource, opts: &ExportOptions, out: &Path) -> Result<ExportReport> {
+pub fn export(src: &Package, opts: &ExportOptions, out: &Path) -> Result<ExportReport> {
     export_with_progress(src, opts, out, &mut |_| {})
 }
 
 /// [`export`], calling `step(what)` as each graph is built and when the files are written
 /// ([`export_steps`] calls in all).
 pub fn export_with_progress(
-    src: &ExportSource,
+    src: &Package,
     opts: &ExportOptions,
     out: &Path,
     step: &mut dyn FnMut(&str),
 ) -> Result<ExportReport> {
     if out.exists() && !opts.force {
-        return Err(ExportError::Input(format!(
+        return Err(PackageError::Input(format!(
             "{} already exists; choose another --out or pass --force to replace it",
             out.display()
         )));
@@ -381,43 +401,21 @@ pub fn export_with_progress(
     let (graphs, built) = build_graphs_with(src, opts, step)?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| ExportError::Input(format!("--out {} has no folder name", out.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    if out.file_name().is_none() {
+        return Err(PackageError::Input(format!(
+            "--out {} has no folder name",
+            out.display()
+        )));
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let result = match opts.format {
-        Format::Onnx => write_model_dir(src, &graphs, &tmp, opts.precision),
-        Format::Triton => triton::write_repository(src, &graphs, &tmp, opts.precision),
-    };
-    let files = match result {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    sync_dir(&tmp);
-    step("files written");
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(&tmp, out).map_err(io(out))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, out).map_err(io(out))?;
-    }
-    sync_dir(&parent);
+    let mut files = Vec::new();
+    capt_core::fs::commit_dir(out, opts.force, |tmp| {
+        files = match opts.format {
+            Format::Onnx => write_model_dir(src, &graphs, tmp, opts.precision)?,
+            Format::Triton => triton::write_repository(src, &graphs, tmp, opts.precision)?,
+        };
+        step("files written");
+        Ok::<(), PackageError>(())
+    })?;
     Ok(ExportReport {
         out: out.to_path_buf(),
         files,
@@ -426,11 +424,4 @@ pub fn export_with_progress(
         quant: built.quant,
         f16: built.f16,
     })
-}
-
-/// Best-effort fsync of a directory's entries (the rename's durability).
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
 }

@@ -12,9 +12,11 @@ use std::path::Path;
 
 use capt_onnx::WriteOptions;
 
+use capt_backend::Precision;
+
 use crate::error::{io, Result};
-use crate::source::ExportSource;
-use crate::write::{manifest, Graph, Precision};
+use crate::io_names::*;
+use crate::write::{manifest, write_manifest, Graph, Package};
 
 /// Largest batch Triton forms; requests are coalesced up to it.
 pub const MAX_BATCH: usize = 32;
@@ -50,7 +52,7 @@ pub fn config_pbtxt(name: &str, inputs: &[String], outputs: &[String]) -> String
 
 /// Writes the repository into `dir`; returns (relative path, bytes) of each file.
 pub fn write_repository(
-    src: &ExportSource,
+    src: &Package,
     graphs: &[Graph],
     dir: &Path,
     precision: Precision,
@@ -74,26 +76,26 @@ pub fn write_repository(
             &WriteOptions::default(),
         )?;
         files.push((format!("{name}/1/model.onnx"), w.model_bytes));
-        let pixel = tensor("pixel_values", "TYPE_FP32", &[3, s, s], false);
+        let pixel = tensor(PIXEL_VALUES, "TYPE_FP32", &[3, s, s], false);
         let (inputs, outputs) = match graph.role {
-            "classifier" => (
+            CLASSIFIER => (
                 vec![pixel],
                 vec![
-                    tensor("logits", "TYPE_FP32", &[c], true),
-                    tensor("probs", "TYPE_FP32", &[c], true),
+                    tensor(LOGITS, "TYPE_FP32", &[c], true),
+                    tensor(PROBS, "TYPE_FP32", &[c], true),
                 ],
             ),
-            "image_encoder" => (
+            IMAGE_ENCODER => (
                 vec![pixel],
                 vec![
-                    tensor("image_embeds", "TYPE_FP32", &[d], false),
-                    tensor("global", "TYPE_FP32", &[d], false),
-                    tensor("local", "TYPE_FP32", &[g, d], false),
+                    tensor(IMAGE_EMBEDS, "TYPE_FP32", &[d], false),
+                    tensor(GLOBAL, "TYPE_FP32", &[d], false),
+                    tensor(LOCAL, "TYPE_FP32", &[g, d], false),
                 ],
             ),
             _ => (
                 vec![tensor(
-                    "input_ids",
+                    INPUT_IDS,
                     "TYPE_INT64",
                     &[spec.clip.text.max_position_embeddings],
                     false,
@@ -109,7 +111,7 @@ pub fn write_repository(
         let p = mdir.join("config.pbtxt");
         std::fs::write(&p, &cfg).map_err(io(&p))?;
         files.push((format!("{name}/config.pbtxt"), cfg.len() as u64));
-        if graph.role == "classifier" {
+        if graph.role == CLASSIFIER {
             let labels = src.class_names.join("\n") + "\n";
             let p = mdir.join("labels.txt");
             std::fs::write(&p, &labels).map_err(io(&p))?;
@@ -118,13 +120,10 @@ pub fn write_repository(
             let m = manifest(
                 src,
                 &mdir,
-                &[("classifier", "1/model.onnx".into())],
+                &[(CLASSIFIER, "1/model.onnx".into())],
                 precision,
             )?;
-            let text = serde_json::to_string_pretty(&m).expect("manifest serialises") + "\n";
-            let p = mdir.join(capt_backend::MANIFEST_FILE);
-            std::fs::write(&p, &text).map_err(io(&p))?;
-            files.push((format!("{name}/capt.json"), text.len() as u64));
+            files.push((format!("{name}/capt.json"), write_manifest(&mdir, &m)?));
         }
     }
     Ok(files)

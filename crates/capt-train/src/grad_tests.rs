@@ -1,15 +1,15 @@
 //! The trained model on the tiny backbone: CAPT starts exactly at CoOp, gradients reach every
 //! learned tensor, and the full CAPT loss's gradient matches finite differences (F64).
 
+use crate::backbone::Backbone;
+use crate::config::RunConfig;
+use crate::model::{Feats, Model};
+use crate::optim::Sgd;
+use crate::rng;
+use crate::tables::TableCache;
 use candle_core::{DType, Device, Tensor};
 use capt_clip::ClipConfig;
 use capt_method::{ConfusionBank, Method};
-use capt_train::backbone::Backbone;
-use capt_train::config::RunConfig;
-use capt_train::model::{Feats, Model};
-use capt_train::optim::Sgd;
-use capt_train::rng;
-use capt_train::tables::TableCache;
 
 const NAMES: [&str; 6] = [
     "banded",
@@ -255,7 +255,7 @@ fn capt_loss_gradient_matches_finite_differences_f64() {
 
 #[test]
 fn truncated_text_sequences_equal_full_length_ones() {
-    use capt_train::prompts::{class_rows, encode_with_context, CTX};
+    use crate::prompts::{class_rows, encode_with_context, CTX};
     let m = model(Method::Coop, DType::F32);
     let names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
     let short = class_rows(&m.backbone, &names, 4).unwrap();
@@ -279,8 +279,8 @@ fn truncated_text_sequences_equal_full_length_ones() {
 
 #[test]
 fn descriptions_are_added_to_the_pair_embeddings() {
-    use capt_train::prompts::Family;
-    use capt_train::tables::encode_pairs;
+    use crate::prompts::Family;
+    use crate::tables::encode_pairs;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("desc.json");
     std::fs::write(
