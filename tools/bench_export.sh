@@ -30,13 +30,15 @@ TOML
     --config "$WORK/b16.toml" --out "$WORK/run" --no-progress
 fi
 # Parity with capt-train eval (and text-encoder parity, f16/int8 agreement) at ViT-B/16 size.
+# (int8 compute against f32, accuracy and speed: tools/bench_int8.sh.)
 CAPT_EXPORT_BACKBONE="$(cd "$b16" && pwd)" cargo test --release -p capt-export --test export -- \
   --nocapture --test-threads 1 classifier_matches text_encoder_reproduces f16_and_int8 2>&1 \
   | grep -E "max|agreement|test result|panicked"
-for p in f32 f16 int8; do
+for p in f32 f16 int8 int8-weights; do
   flags="--precision f32"
   [ "$p" = f16 ] && flags="--precision f16"
   [ "$p" = int8 ] && flags="--int8"
+  [ "$p" = int8-weights ] && flags="--int8 weights"
   /usr/bin/time -f "export $p: %e s wall, %M KB peak RSS" \
     "$bin/capt-export" --checkpoint "$WORK/run" --out "$WORK/export-$p" --force $flags
 done

@@ -67,6 +67,49 @@ pub struct OrtOptions {
     pub allow_fallback: bool,
     /// Intra-op threads; 0 lets ONNX Runtime decide (one per physical core).
     pub threads: usize,
+    /// Graph optimisation level of the session.
+    pub optimization: OptLevel,
+    /// Intra-op threads spin while waiting for work (ONNX Runtime's default: on). Off saves
+    /// CPU on a box that serves little; on cuts latency.
+    pub spinning: Option<bool>,
+    /// `session.intra_op_thread_affinities`: logical processors per intra-op thread other
+    /// than the caller, e.g. `"1;2"` for two extra threads on CPUs 1 and 2 (1-based, as
+    /// ONNX Runtime numbers them).
+    pub affinity: Option<String>,
+    /// Keep ONNX Runtime's optimised graph in `<export>/.ort-cache/` (CPU sessions, when the
+    /// directory is writable) and load it on the next start instead of optimising again.
+    pub cache: bool,
+}
+
+/// Graph optimisation level (ONNX Runtime's `GraphOptimizationLevel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptLevel {
+    Disable,
+    Basic,
+    Extended,
+    /// Everything, layout optimisations included (the default).
+    #[default]
+    All,
+}
+
+impl OptLevel {
+    fn ort(self) -> GraphOptimizationLevel {
+        match self {
+            OptLevel::Disable => GraphOptimizationLevel::Disable,
+            OptLevel::Basic => GraphOptimizationLevel::Level1,
+            OptLevel::Extended => GraphOptimizationLevel::Level2,
+            OptLevel::All => GraphOptimizationLevel::Level3,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptLevel::Disable => "disable",
+            OptLevel::Basic => "basic",
+            OptLevel::Extended => "extended",
+            OptLevel::All => "all",
+        }
+    }
 }
 
 /// The loaded ONNX Runtime library (process-wide: a process holds one runtime and one environment).
@@ -186,13 +229,20 @@ impl OrtBackend {
         let runtime = runtime(opts.lib.as_deref())?;
         let path = model.classifier_path();
         let crop = model.manifest.preprocess.crop as usize;
-        let (session, provider) = create_session(&runtime, &path, opts)?;
+        let cache =
+            (opts.cache && opts.device == Device::Cpu && opts.optimization != OptLevel::Disable)
+                .then(|| cache_path(model, &runtime, opts.optimization));
+        let (session, provider, cached) = create_session(&runtime, &path, opts, cache.as_deref())?;
         check_contract(&session, &path, crop)?;
         tracing::info!(
             requested = %opts.device,
             provider,
             lib = %runtime.lib.display(),
             version = %runtime.version,
+            optimization = opts.optimization.as_str(),
+            spinning = ?opts.spinning,
+            affinity = ?opts.affinity,
+            cache = ?cached,
             "ort session ready; execution provider in use: {provider}"
         );
         Ok(Self {
@@ -258,24 +308,98 @@ fn unavailable_reason(device: Device, rt: &Runtime) -> Option<String> {
     }
 }
 
+/// Where the optimised graph of this export's classifier is kept: named by the classifier's
+/// sha256, the runtime's version and the level, so a new export or runtime never reads a
+/// stale one.
+fn cache_path(model: &ModelDir, rt: &Runtime, level: OptLevel) -> PathBuf {
+    let sha = &model.manifest.files.classifier.sha256;
+    let version: String = rt
+        .version
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+        .collect();
+    model.root.join(CACHE_DIR).join(format!(
+        "classifier-{}-ort{version}-{}.onnx",
+        &sha[..sha.len().min(16)],
+        level.as_str()
+    ))
+}
+
+/// The folder of an export that holds ONNX Runtime's optimised graphs.
+pub const CACHE_DIR: &str = ".ort-cache";
+
+/// How the session's graph was obtained with the cache on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cached {
+    /// Loaded from the cache: no optimisation pass at this start.
+    Hit,
+    /// Optimised now and saved for the next start.
+    Written,
+    /// Optimised now; the cache could not be written (read-only directory, ...).
+    NotWritten,
+}
+
 fn create_session(
     rt: &Runtime,
     path: &Path,
     opts: &OrtOptions,
-) -> Result<(Session, &'static str), BackendError> {
+    cache: Option<&Path>,
+) -> Result<(Session, &'static str, Option<Cached>), BackendError> {
     let mut device = opts.device;
     if let Some(reason) = unavailable_reason(device, rt) {
         device = fall_back(opts, device, &reason)?;
     }
-    match try_session(rt, path, opts, device) {
-        Ok(s) => Ok((s, provider_name(device))),
+    // A cached graph is already optimised: load it with optimisation off. A cache that does
+    // not load (truncated, from another machine's layout) is rebuilt.
+    if let (Some(c), Device::Cpu) = (cache, device) {
+        if c.is_file() {
+            let plain = OrtOptions {
+                optimization: OptLevel::Disable,
+                ..opts.clone()
+            };
+            match try_session(rt, c, &plain, device, None) {
+                Ok(s) => return Ok((s, provider_name(device), Some(Cached::Hit))),
+                Err(e) => {
+                    tracing::warn!(cache = %c.display(), "cached ONNX Runtime graph not usable ({e}); optimising again")
+                }
+            }
+        }
+    }
+    let cache = cache.filter(|_| device == Device::Cpu);
+    let tmp = cache.map(cache_tmp);
+    match try_session(rt, path, opts, device, tmp.as_deref()) {
+        Ok(s) => {
+            let cached = match (cache, tmp) {
+                (Some(c), Some(t)) => Some(commit_cache(&t, c)),
+                _ => None,
+            };
+            Ok((s, provider_name(device), cached))
+        }
         Err(reason) if device != Device::Cpu => {
             let device = fall_back(opts, device, &reason)?;
-            try_session(rt, path, opts, device)
-                .map(|s| (s, provider_name(device)))
+            try_session(rt, path, opts, device, None)
+                .map(|s| (s, provider_name(device), None))
                 .map_err(|reason| load_error(path, reason))
         }
         Err(reason) => Err(load_error(path, reason)),
+    }
+}
+
+/// A temporary sibling of the cache file, unique to this process.
+fn cache_tmp(cache: &Path) -> PathBuf {
+    let name = cache.file_name().unwrap_or_default().to_string_lossy();
+    cache.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}
+
+/// Moves the graph ONNX Runtime wrote at `tmp` into place (a reader sees the old cache or the
+/// whole new one).
+fn commit_cache(tmp: &Path, cache: &Path) -> Cached {
+    if tmp.is_file() && std::fs::rename(tmp, cache).is_ok() {
+        Cached::Written
+    } else {
+        let _ = std::fs::remove_file(tmp);
+        tracing::info!(cache = %cache.display(), "ONNX Runtime's optimised graph not cached (folder not writable?)");
+        Cached::NotWritten
     }
 }
 
@@ -295,11 +419,7 @@ fn fall_back(opts: &OrtOptions, device: Device, reason: &str) -> Result<Device, 
 }
 
 fn load_error(path: &Path, reason: String) -> BackendError {
-    BackendError::Load {
-        engine: ENGINE,
-        path: path.to_path_buf(),
-        reason,
-    }
+    capt_backend::load_error(ENGINE, path, reason)
 }
 
 fn try_session(
@@ -307,17 +427,32 @@ fn try_session(
     path: &Path,
     opts: &OrtOptions,
     device: Device,
+    save_optimized: Option<&Path>,
 ) -> Result<Session, String> {
     // SessionBuilder errors carry the builder and are !Send; keep only their message.
     let s = |e: ort::Error<SessionBuilder>| e.to_string();
     let mut builder = Session::builder(&rt.env)
         .map_err(|e| e.to_string())?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(opts.optimization.ort())
         .map_err(s)?
         .with_inter_threads(1)
         .map_err(s)?;
     if opts.threads > 0 {
         builder = builder.with_intra_threads(opts.threads).map_err(s)?;
+    }
+    if let Some(spin) = opts.spinning {
+        builder = builder.with_intra_op_spinning(spin).map_err(s)?;
+    }
+    if let Some(a) = &opts.affinity {
+        builder = builder
+            .with_config_entry("session.intra_op_thread_affinities", a)
+            .map_err(s)?;
+    }
+    if let Some(p) = save_optimized {
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        builder = builder.with_optimized_model_path(p).map_err(s)?;
     }
     let eps = ep_list(device, opts.device_id);
     if !eps.is_empty() {

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use capt_backend::{
-    check_batch, check_input_dims, check_io_names, Backend, BackendError, ClassifierOutput,
-    ImageBatch, ModelDir, INPUT_NAME, LOGITS_NAME, PROBS_NAME,
+    check_batch, check_input_dims, check_io_names, load_error, Backend, BackendError,
+    ClassifierOutput, ImageBatch, ModelDir, INPUT_NAME, LOGITS_NAME, PROBS_NAME,
 };
 use tract_linalg::multithread::Executor;
 use tract_onnx::pb;
@@ -45,11 +45,7 @@ impl TractBackend {
     pub fn load(model: &ModelDir, opts: &TractOptions) -> Result<Self, BackendError> {
         let path = model.classifier_path();
         let crop = model.manifest.preprocess.crop as usize;
-        let load_err = |e: TractError| BackendError::Load {
-            engine: ENGINE,
-            path: path.clone(),
-            reason: format!("{e:#}"),
-        };
+        let load_err = |e: TractError| load_error(ENGINE, &path, format!("{e:#}"));
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_path(&path).map_err(load_err)?;
         check_contract(&proto, &path, crop)?;

@@ -162,6 +162,31 @@ pub fn check_io_names(
     Ok(())
 }
 
+/// Integer-compute ops of a `capt-export --int8` (dynamic) classifier.
+pub const INT8_COMPUTE_OPS: [&str; 3] = [
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+];
+
+/// A load failure of `engine` on `path`. When the runtime's message names an integer-compute
+/// op it cannot run, the error says which op and which export avoids it.
+pub fn load_error(engine: &'static str, path: &std::path::Path, reason: String) -> BackendError {
+    let reason = match INT8_COMPUTE_OPS.iter().find(|op| reason.contains(*op)) {
+        Some(op) => format!(
+            "{reason}; `{op}` is an integer-compute op of a `capt-export --int8` (dynamic) export \
+             that this runtime cannot run: re-export with `--int8 weights` (int8 storage, f32 \
+             compute) or without --int8, or serve it with another backend"
+        ),
+        None => reason,
+    };
+    BackendError::Load {
+        engine,
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
 /// Checks the graph's `pixel_values` dims (`None` = symbolic) against `[N, 3, crop, crop]`:
 /// the one input-shape check every backend runs at load.
 pub fn check_input_dims(
@@ -257,6 +282,23 @@ pub fn synthetic_batch(n: usize, size: usize) -> ImageBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_integer_op_names_the_op_and_the_export_that_avoids_it() {
+        let p = std::path::Path::new("m/classifier.onnx");
+        let e = load_error(
+            "tensorrt",
+            p,
+            "No Op registered for DynamicQuantizeLinear".into(),
+        );
+        let s = e.to_string();
+        assert!(
+            s.contains("`DynamicQuantizeLinear`") && s.contains("--int8 weights"),
+            "{s}"
+        );
+        let e = load_error("tract", p, "file truncated".into());
+        assert!(!e.to_string().contains("--int8"), "{e}");
+    }
 
     #[test]
     fn top_k_orders_and_truncates() {

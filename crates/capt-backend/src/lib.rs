@@ -7,8 +7,9 @@ pub mod backend;
 pub mod manifest;
 
 pub use backend::{
-    check_batch, check_input_dims, check_io_names, max_abs_diff, synthetic_batch, top_k, warm_up,
-    Backend, BackendError, ClassifierOutput, INPUT_NAME, LOGITS_NAME, PROBS_NAME,
+    check_batch, check_input_dims, check_io_names, load_error, max_abs_diff, synthetic_batch,
+    top_k, warm_up, Backend, BackendError, ClassifierOutput, INPUT_NAME, INT8_COMPUTE_OPS,
+    LOGITS_NAME, PROBS_NAME,
 };
 pub use capt_core::{ImageBatch, PreprocessConfig};
 pub use manifest::{

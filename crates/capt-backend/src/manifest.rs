@@ -59,6 +59,11 @@ pub enum Precision {
     /// float16 weights and compute (GPU / TensorRT): the f32 graph rewritten by
     /// `capt_onnx::to_f16_compute`, norms and the SEM pair top-k left in f32. Half the size.
     F16,
+    /// Integer compute for the CLIP towers' linear layers (`--int8 dynamic`): int8 weights,
+    /// activations quantised per call (`DynamicQuantizeLinear` + `MatMulInteger`,
+    /// `capt_onnx::quantize_dynamic_int8`); norms, softmax, the CAPT head and the L2 norms
+    /// stay f32. CPU edge devices (VNNI, ARM dot product).
+    Int8,
 }
 
 impl Precision {
@@ -67,6 +72,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::F16 => "f16",
+            Precision::Int8 => "int8",
         }
     }
 }
@@ -421,6 +427,9 @@ mod tests {
             e.to_string().contains("int4") && e.to_string().contains("f16"),
             "{e}"
         );
+        v["precision"] = "int8".into();
+        let m = Manifest::from_json(&v.to_string(), Path::new("capt.json")).unwrap();
+        assert_eq!(m.precision, Precision::Int8);
     }
 
     #[test]

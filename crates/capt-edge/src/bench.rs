@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use capt_backend::synthetic_batch;
 use serde::Serialize;
 
-use crate::engine::{Engine, EngineArgs};
+use crate::engine::{BackendKind, Engine, EngineArgs};
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
@@ -44,6 +44,15 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A second export to time in the same run (e.g. int8 against f32): runs alternate
+    /// between the two (ABBA order) so drifts of this machine's speed hit both alike, and the
+    /// p50 ratio is printed.
+    #[arg(long, value_name = "DIR")]
+    pub compare: Option<PathBuf>,
+    /// The engine of the --compare model (default: --backend), e.g. `--model X --compare X
+    /// --compare-backend ort` times tract against onnxruntime on one export.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    pub compare_backend: Option<BackendKind>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -72,6 +81,21 @@ pub struct BenchReport {
     pub peak_rss_mib: Option<f64>,
     /// b1 p50 against the project's CPU anchors, when the model is ViT-B/16 at 224 px.
     pub anchors: Vec<AnchorRatio>,
+    /// The `--compare` model, timed interleaved with this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compare: Option<Comparison>,
+}
+
+/// The second model of `bench --compare` and the ratios of the two.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub model: String,
+    pub dir: String,
+    pub backend: String,
+    pub load_ms: f64,
+    pub batches: Vec<BatchStats>,
+    /// Per batch size: this (A) p50 / the compared (B) p50 (< 1: A is faster).
+    pub p50_ratio: Vec<(usize, f64)>,
 }
 
 /// The project's CPU anchors: CLIP ViT-B/16 image encoder, batch 1, 2 threads, on the 2-core
@@ -170,37 +194,103 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         args.batch.iter().all(|b| (1..=1024).contains(b)),
         "--batch sizes must be between 1 and 1024"
     );
-    let engine = Engine::load(&args.model, &args.engine)?;
+    let mut mine = args.engine.clone();
+    let other_backend = args.compare_backend.unwrap_or(mine.backend);
+    if args.compare.is_some()
+        && mine.ort_spinning.is_none()
+        && (mine.backend == BackendKind::Ort || other_backend == BackendKind::Ort)
+    {
+        // Spinning intra-op threads of the idle session would take the cores of the one being
+        // timed (measured: b1 0.70x with spinning vs 0.41x without, same exports).
+        tracing::info!("--compare: ONNX Runtime spinning off (two sessions share the cores)");
+        mine.ort_spinning = Some(false);
+    }
+    let engine = Engine::load(&args.model, &mine)?;
     let cold_start_ms = since_start() * 1e3;
+    let other = match &args.compare {
+        Some(dir) => {
+            let mut e = mine.clone();
+            if let Some(b) = args.compare_backend {
+                e.backend = b;
+            }
+            Some((dir, Engine::load(dir, &e)?))
+        }
+        None => None,
+    };
+    if let Some((dir, b)) = &other {
+        let (ca, cb) = (
+            engine.model.manifest.preprocess.crop,
+            b.model.manifest.preprocess.crop,
+        );
+        anyhow::ensure!(
+            ca == cb,
+            "--compare {} takes {cb} px images, --model {ca} px; compare exports of one backbone",
+            dir.display()
+        );
+    }
     let crop = engine.model.manifest.preprocess.crop as usize;
     let limit = Duration::from_secs_f64(args.max_seconds.max(0.0));
-    let mut batches = Vec::new();
+    let engines: Vec<&Engine> = std::iter::once(&engine)
+        .chain(other.as_ref().map(|(_, e)| e))
+        .collect();
+    let mut batches: Vec<Vec<BatchStats>> = vec![Vec::new(); engines.len()];
     for &n in &args.batch {
         let input = synthetic_batch(n, crop);
-        for _ in 0..args.warmup {
-            engine.backend.classify(&input)?;
+        for e in &engines {
+            for _ in 0..args.warmup {
+                e.backend.classify(&input)?;
+            }
         }
-        let mut secs = Vec::with_capacity(args.iters);
+        let mut secs = vec![Vec::with_capacity(args.iters); engines.len()];
         let began = Instant::now();
-        for _ in 0..args.iters {
-            let t = Instant::now();
-            engine.backend.classify(&input)?;
-            secs.push(t.elapsed().as_secs_f64());
+        for i in 0..args.iters {
+            // ABBA: A first on even runs, B first on odd ones.
+            let order: Vec<usize> = if i % 2 == 0 {
+                (0..engines.len()).collect()
+            } else {
+                (0..engines.len()).rev().collect()
+            };
+            for k in order {
+                let t = Instant::now();
+                engines[k].backend.classify(&input)?;
+                secs[k].push(t.elapsed().as_secs_f64());
+            }
             if began.elapsed() > limit {
                 break;
             }
         }
-        batches.push(stats(n, secs));
+        for (k, s) in secs.into_iter().enumerate() {
+            batches[k].push(stats(n, s));
+        }
     }
-    let anchors = anchor_ratios(engine.model.manifest.model_spec.as_ref(), &batches);
+    let mut batches = batches.into_iter();
+    let mine = batches.next().unwrap_or_default();
+    let compare = other.map(|(dir, e)| {
+        let theirs = batches.next().unwrap_or_default();
+        let p50_ratio = mine
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a.batch, a.p50_ms / b.p50_ms))
+            .collect();
+        Comparison {
+            model: e.model.manifest.model_name.clone(),
+            dir: dir.display().to_string(),
+            backend: e.backend.describe(),
+            load_ms: e.load_seconds * 1e3,
+            batches: theirs,
+            p50_ratio,
+        }
+    });
+    let anchors = anchor_ratios(engine.model.manifest.model_spec.as_ref(), &mine);
     Ok(BenchReport {
         model: engine.model.manifest.model_name.clone(),
         backend: engine.backend.describe(),
         cold_start_ms,
         load_ms: engine.load_seconds * 1e3,
-        batches,
+        batches: mine,
         peak_rss_mib: peak_rss_mib(),
         anchors,
+        compare,
     })
 }
 
@@ -226,6 +316,25 @@ pub fn print_table(r: &BenchReport, out: &mut dyn std::io::Write) -> std::io::Re
     match r.peak_rss_mib {
         Some(m) => writeln!(out, "peak RSS {m:.1} MiB")?,
         None => writeln!(out, "peak RSS unavailable")?,
+    }
+    if let Some(c) = &r.compare {
+        writeln!(
+            out,
+            "compared, interleaved: B = {} ({})  backend {}  load + warm-up {:.1} ms",
+            c.model, c.dir, c.backend, c.load_ms
+        )?;
+        writeln!(
+            out,
+            "{:>6} {:>10} {:>10} {:>10}",
+            "batch", "A p50 ms", "B p50 ms", "A / B"
+        )?;
+        for ((n, ratio), (a, b)) in c.p50_ratio.iter().zip(r.batches.iter().zip(&c.batches)) {
+            writeln!(
+                out,
+                "{n:>6} {:>10.2} {:>10.2} {ratio:>9.2}x",
+                a.p50_ms, b.p50_ms
+            )?;
+        }
     }
     if !r.anchors.is_empty() {
         writeln!(

@@ -62,6 +62,39 @@ pub struct EngineArgs {
     /// Path of libonnxruntime.so (>= 1.31); default: ORT_DYLIB_PATH, then the loader's paths.
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
+    /// ort: graph optimisation level.
+    #[arg(long, value_enum, default_value_t = OrtOptLevel::All, value_name = "LEVEL")]
+    pub ort_opt_level: OrtOptLevel,
+    /// ort: intra-op threads spin while waiting for work (on: lower latency; off: less idle
+    /// CPU). Default: ONNX Runtime's (on).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub ort_spinning: Option<bool>,
+    /// ort: CPUs of the intra-op threads other than the caller, ONNX Runtime's
+    /// `session.intra_op_thread_affinities` syntax (1-based), e.g. "2;3" with --threads 3.
+    #[arg(long, value_name = "LIST")]
+    pub ort_affinity: Option<String>,
+    /// ort: do not keep ONNX Runtime's optimised graph in <model>/.ort-cache/ (by default it
+    /// is written on the first CPU start when the folder is writable, and loaded after).
+    #[arg(long)]
+    pub no_ort_cache: bool,
+}
+
+/// ONNX Runtime's graph optimisation levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OrtOptLevel {
+    Disable,
+    Basic,
+    Extended,
+    #[default]
+    All,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("`{s}`: expected on or off")),
+    }
 }
 
 /// A loaded model ready to classify.
@@ -78,6 +111,15 @@ impl Engine {
         let model = ModelDir::open(dir)?;
         let backend: Arc<dyn Backend> = match args.backend {
             BackendKind::Tract => {
+                if model.manifest.precision == capt_backend::Precision::Int8
+                    && cfg!(target_arch = "x86_64")
+                {
+                    tracing::warn!(
+                        "{} is an int8-compute export: tract runs it slower than the f32 export on \
+                         x86 (docs/export.md); on x86 serve it with --backend ort",
+                        dir.display()
+                    );
+                }
                 if args.device != DeviceKind::Cpu {
                     return Err(BackendError::Unavailable {
                         engine: "tract",
@@ -114,7 +156,7 @@ impl Engine {
 
 #[cfg(feature = "ort")]
 fn load_ort(model: &ModelDir, args: &EngineArgs) -> Result<Arc<dyn Backend>, BackendError> {
-    use capt_backend_ort::{Device, OrtBackend, OrtOptions};
+    use capt_backend_ort::{Device, OptLevel, OrtBackend, OrtOptions};
     let device = match args.device {
         DeviceKind::Cpu => Device::Cpu,
         DeviceKind::Cuda => Device::Cuda,
@@ -126,6 +168,15 @@ fn load_ort(model: &ModelDir, args: &EngineArgs) -> Result<Arc<dyn Backend>, Bac
         device_id: args.device_id,
         allow_fallback: args.allow_fallback,
         threads: args.threads,
+        optimization: match args.ort_opt_level {
+            OrtOptLevel::Disable => OptLevel::Disable,
+            OrtOptLevel::Basic => OptLevel::Basic,
+            OrtOptLevel::Extended => OptLevel::Extended,
+            OrtOptLevel::All => OptLevel::All,
+        },
+        spinning: args.ort_spinning,
+        affinity: args.ort_affinity.clone(),
+        cache: !args.no_ort_cache,
     };
     Ok(Arc::new(OrtBackend::load(model, &opts)?))
 }

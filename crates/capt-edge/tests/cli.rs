@@ -204,6 +204,77 @@ fn bench_reports_percentiles_cold_start_and_rss() {
 }
 
 #[test]
+fn bench_compare_times_two_models_interleaved() {
+    let run = |extra: &[&str]| {
+        let model = model_arg();
+        let mut args = vec![
+            "bench",
+            "--model",
+            &model,
+            "--compare",
+            &model,
+            "--batch",
+            "1,2",
+            "--iters",
+            "4",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        bin().args(&args).output().unwrap()
+    };
+    let out = run(&["--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &r["compare"];
+    let (a, b) = (
+        r["batches"].as_array().unwrap(),
+        c["batches"].as_array().unwrap(),
+    );
+    assert_eq!((a.len(), b.len()), (2, 2));
+    for (i, n) in [1, 2].into_iter().enumerate() {
+        // Interleaved: both sides ran every iteration.
+        assert_eq!(
+            (a[i]["runs"].as_u64(), b[i]["runs"].as_u64()),
+            (Some(4), Some(4))
+        );
+        let ratio = c["p50_ratio"][i].as_array().unwrap();
+        assert_eq!(ratio[0], n);
+        let want = a[i]["p50_ms"].as_f64().unwrap() / b[i]["p50_ms"].as_f64().unwrap();
+        assert!((ratio[1].as_f64().unwrap() - want).abs() < 1e-9);
+    }
+    // The table names both sides and prints the ratio.
+    let text = String::from_utf8_lossy(&run(&[]).stdout).into_owned();
+    assert!(
+        text.contains("compared, interleaved") && text.contains("A / B"),
+        "{text}"
+    );
+    // A missing second model is a named error.
+    let out = bin()
+        .args([
+            "bench",
+            "--model",
+            &model_arg(),
+            "--compare",
+            "/nonexistent/export",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/export") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
 fn serve_binary_stops_cleanly_on_sigterm() {
     let mut child = bin()
         .args([

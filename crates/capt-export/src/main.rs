@@ -13,6 +13,17 @@ enum FormatArg {
     Triton,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Int8Arg {
+    /// Integer compute: int8 weights, activations quantised per call (DynamicQuantizeLinear +
+    /// MatMulInteger) in the CLIP towers' linear layers of classifier.onnx and
+    /// image_encoder.onnx; the rest stays f32.
+    Dynamic,
+    /// Weight-only int8 storage (per-row scales), widened to f32 at load: ~4x smaller files,
+    /// f32 speed.
+    Weights,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum PrecisionArg {
     F32,
@@ -61,9 +72,10 @@ struct Args {
     /// norms and the SEM pair top-k stay f32, inputs and outputs stay f32).
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
-    /// Store linear-layer weights as int8 with per-row scales (CPU edge; ~4x smaller).
-    #[arg(long)]
-    int8: bool,
+    /// int8 for CPU edge devices: `dynamic` (the default of a bare --int8) computes the
+    /// linear layers in int8; `weights` only stores them as int8 (smaller files, f32 compute).
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "dynamic")]
+    int8: Option<Int8Arg>,
     #[arg(long, default_value_t = 17)]
     opset: i64,
     /// Skip text_encoder.onnx (no adding classes at the edge).
@@ -141,11 +153,15 @@ fn run(a: Args) -> Result<()> {
     };
     let load_s = t0.elapsed().as_secs_f64();
     let opts = ExportOptions {
-        precision: match a.precision {
-            PrecisionArg::F32 => Precision::F32,
-            PrecisionArg::F16 => Precision::F16,
+        precision: match (a.precision, a.int8) {
+            (PrecisionArg::F16, Some(_)) => {
+                bail!("--int8 and --precision f16 are exclusive: int8 is for CPU edge devices, f16 for GPUs; pick one")
+            }
+            (PrecisionArg::F16, None) => Precision::F16,
+            (PrecisionArg::F32, Some(Int8Arg::Dynamic)) => Precision::Int8,
+            (PrecisionArg::F32, _) => Precision::F32,
         },
-        int8: a.int8,
+        int8_weights: a.int8 == Some(Int8Arg::Weights),
         opset: a.opset,
         text_encoder: !a.no_text_encoder,
         image_encoder: !a.no_image_encoder,
@@ -173,7 +189,12 @@ fn run(a: Args) -> Result<()> {
     }
     if let Some(q) = &r.quant {
         println!(
-            "  int8: {} weight tensors, {:.1} MB -> {:.1} MB, max |w - dequant(q)| = {:.2e}",
+            "  int8 ({}): {} weight tensors, {:.1} MB -> {:.1} MB, max |w - dequant(q)| = {:.2e}",
+            if opts.int8_weights {
+                "weights"
+            } else {
+                "compute"
+            },
             q.tensors,
             q.bytes_before as f64 / 1e6,
             q.bytes_after as f64 / 1e6,

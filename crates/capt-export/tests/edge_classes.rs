@@ -203,3 +203,39 @@ fn f16_compute_export_stays_f16_through_class_edits() {
     println!("f16 CAPT add 2 + remove 2 vs original: max |dlogit| {d:.3e}");
     assert!(d <= 1e-5);
 }
+
+#[test]
+fn int8_compute_export_stays_int8_through_class_edits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = ExportOptions {
+        precision: Precision::Int8,
+        ..Default::default()
+    };
+    let (src, out) = trained_export(tmp.path(), capt_method::Method::Capt, 4, &opts);
+    let b = batch(src.spec.clip.vision.image_size as u32);
+    let (names0, logits0) = classify(&out, &b);
+    let (new, _, _) = add_new(&out, &b, names0.len());
+    // Still integer compute: recorded, and the re-emitted classifier runs MatMulInteger.
+    let md = ModelDir::open(&out).unwrap();
+    assert_eq!(md.manifest.precision, Precision::Int8);
+    let model = capt_onnx::read_model(&md.classifier_path()).unwrap();
+    let ops = |op: &str| {
+        model
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .filter(|n| n.op_type == op)
+            .count()
+    };
+    assert!(ops("MatMulInteger") > 0 && ops("DynamicQuantizeLinear") > 0);
+    // Re-quantising the read-back weights gives the same int8 values: removing the added
+    // classes restores the logits.
+    capt_package::classes::remove_classes(&out, &new).unwrap();
+    let (names2, logits2) = classify(&out, &b);
+    assert_eq!(names2, names0);
+    let d = max_abs_diff(&logits2, &logits0);
+    println!("int8 CAPT add 2 + remove 2 vs original: max |dlogit| {d:.3e}");
+    assert!(d <= 1e-5);
+}

@@ -25,7 +25,10 @@ pub use io::{
     WriteOptions, Written, EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, FILE_BYTES_KEY, PRODUCER,
     PROTOBUF_LIMIT,
 };
-pub use quant::{quantize_weights_int8, read_params, QuantReport, INT8_MIN_ELEMS, SCALE_SUFFIX};
+pub use quant::{
+    quantize_dynamic_int8, quantize_weights_int8, read_params, QuantReport, INT8_MIN_ELEMS,
+    QT_SCALE_SUFFIX, QT_SUFFIX, QT_ZP_SUFFIX, SCALE_SUFFIX,
+};
 pub use tract_onnx::pb;
 pub use tract_run::{run_tract, run_tract_model, tract_value_types};
 pub use value::{Dim, Value};

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use capt_backend::{FileEntry, ModelDir, MANIFEST_FILE};
+use capt_backend::{FileEntry, ModelDir, Precision, MANIFEST_FILE};
 use capt_core::ClipTokenizer;
 use capt_method::classes::{self as rule, ClassError, ClassTables, HeadRule, Prompt};
 use capt_method::head::HeadTables;
@@ -221,8 +221,9 @@ pub struct ClassEdit {
 struct Opened {
     md: ModelDir,
     pkg: Package,
-    /// Whether the classifier stores int8 weights (kept when it is re-emitted).
-    int8: bool,
+    /// Whether the classifier stores int8 weights for f32 compute (`--int8 weights`, kept when
+    /// it is re-emitted; integer compute is the manifest's precision).
+    int8_weights: bool,
 }
 
 fn open(dir: &Path) -> Result<Opened> {
@@ -237,11 +238,12 @@ fn open(dir: &Path) -> Result<Opened> {
     let spec = ModelSpec::from_json(spec_json)?;
     let model = capt_onnx::read_model(&md.classifier_path())?;
     let params = capt_onnx::read_params(&model)?;
-    let int8 = model.graph.as_ref().is_some_and(|g| {
-        g.initializer
-            .iter()
-            .any(|t| t.data_type == pb::tensor_proto::DataType::Int8 as i32)
-    });
+    let int8_weights = md.manifest.precision == Precision::F32
+        && model.graph.as_ref().is_some_and(|g| {
+            g.initializer
+                .iter()
+                .any(|t| t.data_type == pb::tensor_proto::DataType::Int8 as i32)
+        });
     let pkg = Package {
         spec,
         class_names: m.class_names.clone(),
@@ -252,13 +254,21 @@ fn open(dir: &Path) -> Result<Opened> {
         source_checkpoint_sha256: m.source_checkpoint_sha256.clone(),
         version: model.model_version,
     };
-    Ok(Opened { md, pkg, int8 })
+    Ok(Opened {
+        md,
+        pkg,
+        int8_weights,
+    })
 }
 
 /// Retargets the directory's model to `target`, writes the new classifier and switches the
 /// manifest to it.
 fn edit(dir: &Path, target: &[String], t0: Instant) -> Result<(String, i64, f64)> {
-    let Opened { md, mut pkg, int8 } = open(dir)?;
+    let Opened {
+        md,
+        mut pkg,
+        int8_weights,
+    } = open(dir)?;
     let entry = md.manifest.files.text_encoder.clone().ok_or_else(|| {
         PackageError::Input(format!(
             "{} has no text_encoder.onnx; re-export without --no-text-encoder to edit its classes",
@@ -272,7 +282,7 @@ fn edit(dir: &Path, target: &[String], t0: Instant) -> Result<(String, i64, f64)
     pkg.version += 1;
     let opts = ExportOptions {
         precision: md.manifest.precision,
-        int8,
+        int8_weights,
         ..Default::default()
     };
     let mut g = classifier_graph(&pkg, &pkg.params, &opts)?;
