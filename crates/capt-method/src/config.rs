@@ -2,18 +2,12 @@
 //! TOML (unknown keys rejected so typos do not silently fall back to defaults) and
 //! validated as a whole.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: String, message: String },
     #[error("inconsistent config: {0}")]
@@ -352,21 +346,6 @@ impl CaptConfig {
             }
         }
         c
-    }
-
-    /// Reads and validates a TOML config file.
-    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml_str(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                message,
-            },
-            other => other,
-        })
     }
 
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {

@@ -4,16 +4,9 @@
 //! sentence embeddings are averaged and added to the learned embeddings of that class/pair.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DescriptionsError {
-    #[error("cannot read descriptions file {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("descriptions file {path} is not a JSON object of string lists: {message}")]
     Format { path: String, message: String },
     #[error("descriptions file {path}: key `{key}` names unknown class `{class}`; keys must be class names or `a|b` pairs of class names")]
@@ -34,14 +27,6 @@ pub struct Descriptions {
 }
 
 impl Descriptions {
-    pub fn load(path: &Path, class_names: &[String]) -> Result<Self, DescriptionsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DescriptionsError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text, class_names, &path.display().to_string())
-    }
-
     pub fn parse(
         text: &str,
         class_names: &[String],

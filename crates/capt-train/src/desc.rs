@@ -11,7 +11,7 @@ use candle_core::{Tensor, D};
 use capt_method::descriptions::Descriptions;
 
 use crate::backbone::Backbone;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::prompts::Family;
 
 #[derive(Debug, Clone, Default)]
@@ -27,7 +27,9 @@ impl DescEmbeddings {
         classnames: &[String],
         chunk: usize,
     ) -> Result<Self> {
-        let d = Descriptions::load(path, classnames)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TrainError::io("read descriptions file", path, e))?;
+        let d = Descriptions::parse(&text, classnames, &path.display().to_string())?;
         let mean = |sentences: &[String]| -> Result<Tensor> {
             Ok(backbone.encode_texts(sentences, chunk)?.mean(0)?)
         };

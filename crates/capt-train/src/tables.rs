@@ -328,19 +328,15 @@ impl TableCache {
         self.tables_with(hc, &t_com, &t_dif, &t_dif_rev)
     }
 
-    /// The tables and candidates as checkpoint tensors (`tables.safetensors` names).
+    /// The tables and candidates as checkpoint tensors (`tables.safetensors` names,
+    /// `HeadTables::NAMES`).
     pub fn checkpoint_tensors(&self, hc: &HeadConfig) -> Result<Vec<(String, Tensor)>> {
-        let t = self.head_tables(hc)?;
-        Ok(vec![
-            ("cand_index".into(), t.cand_index),
-            ("cand_weight".into(), t.cand_weight),
-            ("t_com".into(), t.t_com),
-            ("t_dif".into(), t.t_dif),
-            ("t_dif_rev".into(), t.t_dif_rev),
-            ("pool_global".into(), t.pool_global),
-            ("pool_local".into(), t.pool_local),
-            ("cells".into(), t.cells),
-        ])
+        Ok(self
+            .head_tables(hc)?
+            .into_named()
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect())
     }
 
     /// Restores a cache from checkpoint tensors (evaluation on the trained classes).
@@ -354,23 +350,24 @@ impl TableCache {
                 .cloned()
                 .ok_or_else(|| TrainError::Config(format!("tables.safetensors has no `{n}`")))
         };
-        let cand_index_t = get("cand_index")?;
-        let (c, k) = cand_index_t.dims2()?;
+        let t = HeadTables::try_named(get)?;
+        let (c, k) = t.cand_index.dims2()?;
         if c != hc.num_classes || k != hc.k_cand {
             return Err(TrainError::Config(format!(
                 "tables.safetensors has [{c}, {k}] candidates, the head expects [{}, {}]",
                 hc.num_classes, hc.k_cand
             )));
         }
-        let cand_index: Vec<u32> = cand_index_t
+        let cand_index: Vec<u32> = t
+            .cand_index
             .flatten_all()?
             .to_vec1::<i64>()?
             .into_iter()
             .map(|v| v as u32)
             .collect();
-        let cand_weight = get("cand_weight")?.flatten_all()?.to_vec1::<f32>()?;
-        let flat = |n: &str| -> Result<Tensor> { Ok(get(n)?.reshape((c * k, hc.dim))?) };
-        let (t_com, t_dif, t_dif_rev) = (flat("t_com")?, flat("t_dif")?, flat("t_dif_rev")?);
+        let cand_weight = t.cand_weight.flatten_all()?.to_vec1::<f32>()?;
+        let flat = |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((c * k, hc.dim))?) };
+        let (t_com, t_dif, t_dif_rev) = (flat(&t.t_com)?, flat(&t.t_dif)?, flat(&t.t_dif_rev)?);
         let dif_at = dif_rows(&cand_index, k);
         Ok(Self {
             class_emb: get("class_emb")?,
@@ -382,15 +379,13 @@ impl TableCache {
             t_dif,
             t_dif_rev,
             dif_at,
-            pool_global: get("pool_global")?,
-            pool_local: get("pool_local")?,
-            cells: get("cells")?,
+            pool_global: t.pool_global,
+            pool_local: t.pool_local,
+            cells: t.cells,
             slot_sample: Vec::new(),
         })
     }
 }
-
-impl TableCache {}
 
 /// The trainer's text encoder for `capt_method::classes::retarget`: class prompts with the
 /// learned context, zero-shot prompts and SEM pair prompts of the model's own class list
