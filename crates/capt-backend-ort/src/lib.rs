@@ -222,6 +222,7 @@ pub struct OrtBackend {
     provider: &'static str,
     runtime: Runtime,
     threads: usize,
+    cached: Option<Cached>,
 }
 
 impl OrtBackend {
@@ -251,7 +252,13 @@ impl OrtBackend {
             provider,
             runtime,
             threads: opts.threads,
+            cached,
         })
+    }
+
+    /// How the optimised-graph cache served this load (`None`: cache off or not a CPU session).
+    pub fn cache(&self) -> Option<Cached> {
+        self.cached
     }
 
     /// The execution provider the session was created with, e.g. "CUDAExecutionProvider".

@@ -122,6 +122,64 @@ fn ort_matches_reference_and_tract() {
     }
 }
 
+/// The optimised-graph cache: written on the first start, loaded on the next (same outputs),
+/// skipped without failing when the folder is read-only, unused when turned off.
+#[test]
+fn optimised_graph_cache_is_written_then_loaded() {
+    let Some(()) = runtime_or_skip("optimised_graph_cache_is_written_then_loaded") else {
+        return;
+    };
+    use capt_backend_ort::{Cached, CACHE_DIR};
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["capt.json", "classifier.onnx"] {
+        std::fs::copy(fixture().join("model").join(f), tmp.path().join(f)).unwrap();
+    }
+    let dir = ModelDir::open(tmp.path()).unwrap();
+    let cached = OrtOptions {
+        cache: true,
+        ..opts(Device::Cpu, false)
+    };
+    let batch = synthetic_batch(2, dir.manifest.preprocess.crop as usize);
+    let first = OrtBackend::load(&dir, &cached).unwrap();
+    assert_eq!(first.cache(), Some(Cached::Written));
+    let files: Vec<_> = std::fs::read_dir(tmp.path().join(CACHE_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "one cache file, no temporary left: {files:?}"
+    );
+    let second = OrtBackend::load(&dir, &cached).unwrap();
+    assert_eq!(second.cache(), Some(Cached::Hit));
+    let (a, b) = (
+        first.classify(&batch).unwrap(),
+        second.classify(&batch).unwrap(),
+    );
+    assert!(max_abs_diff(&a.logits, &b.logits) <= 1e-6);
+    let off = OrtBackend::load(&dir, &opts(Device::Cpu, false)).unwrap();
+    assert_eq!(off.cache(), None);
+    // A read-only export still loads; the cache is just not written.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let ro = tempfile::tempdir().unwrap();
+        for f in ["capt.json", "classifier.onnx"] {
+            std::fs::copy(fixture().join("model").join(f), ro.path().join(f)).unwrap();
+        }
+        std::fs::set_permissions(ro.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+        let writable = std::fs::write(ro.path().join(".probe"), b"").is_ok();
+        let rodir = ModelDir::open(ro.path()).unwrap();
+        let r = OrtBackend::load(&rodir, &cached).unwrap();
+        if !writable {
+            assert_eq!(r.cache(), Some(Cached::NotWritten));
+        }
+        r.classify(&batch).unwrap();
+        std::fs::set_permissions(ro.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
 #[test]
 fn ort_checks_the_contract() {
     let Some(()) = runtime_or_skip("ort_checks_the_contract") else {
