@@ -18,6 +18,9 @@ use crate::server::ServerConfig;
     about = "Serve and run exported capt image classifiers on tract or ONNX Runtime"
 )]
 pub struct Cli {
+    /// Log as JSON lines (one object per event, with the request id) instead of text.
+    #[arg(long, global = true, env = "CAPT_EDGE_JSON_LOGS")]
+    pub json_logs: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,46 +58,51 @@ pub struct ClassEditArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Exported model directory.
-    #[arg(long)]
+    #[arg(long, env = "CAPT_EDGE_MODEL")]
     pub model: PathBuf,
     /// Listen address. Binding a non-loopback address exposes the server: set --api-key.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "CAPT_EDGE_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
     /// Most images per backend call.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "CAPT_EDGE_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
     /// Longest wait (ms) for a batch to fill after its first image arrived. 0: run as soon as
     /// the worker is free (batches still form from requests that queue while it is busy).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "CAPT_EDGE_MAX_WAIT_MS", default_value_t = 0)]
     pub max_wait_ms: u64,
     /// Most images waiting in the queue; beyond it requests get 503 + Retry-After.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "CAPT_EDGE_QUEUE_CAPACITY", default_value_t = 256)]
     pub queue_capacity: usize,
     /// Batch worker threads.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "CAPT_EDGE_WORKERS", default_value_t = 1)]
     pub workers: usize,
     /// Largest request body in bytes (413 above).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "CAPT_EDGE_BODY_LIMIT", default_value_t = 16 * 1024 * 1024)]
     pub body_limit: usize,
     /// Largest image in pixels (width*height), checked on the header (413 above).
-    #[arg(long, default_value_t = 40_000_000)]
+    #[arg(long, env = "CAPT_EDGE_MAX_PIXELS", default_value_t = 40_000_000)]
     pub max_pixels: u64,
     /// Most images per request (413 above).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "CAPT_EDGE_MAX_IMAGES", default_value_t = 64)]
     pub max_images: usize,
     /// Per-request time limit in ms (504 above).
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, env = "CAPT_EDGE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
     /// Default number of labels per image (`?top_k=` overrides).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "CAPT_EDGE_TOP_K", default_value_t = 5)]
     pub top_k: usize,
     /// Require `Authorization: Bearer KEY` (all routes but /healthz and /readyz). Prefer the
-    /// CAPT_API_KEY variable or --api-key-file: arguments are visible to other local users.
-    #[arg(long, env = "CAPT_API_KEY", hide_env_values = true)]
+    /// environment (CAPT_EDGE_API_KEY, or the older CAPT_API_KEY) or --api-key-file:
+    /// arguments are visible to other local users.
+    #[arg(long, env = "CAPT_EDGE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Read the API key from this file (first line).
-    #[arg(long, conflicts_with = "api_key")]
+    #[arg(long, env = "CAPT_EDGE_API_KEY_FILE", conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
+    /// Also serve /metrics, /healthz and /readyz on this address, without the API key (for
+    /// Prometheus and orchestrator probes), e.g. 0.0.0.0:9090.
+    #[arg(long, env = "CAPT_EDGE_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -120,7 +128,10 @@ impl ServeArgs {
                 })?;
                 Some(text.lines().next().unwrap_or("").trim().to_string())
             }
-            None => self.api_key.clone(),
+            None => self
+                .api_key
+                .clone()
+                .or_else(|| std::env::var("CAPT_API_KEY").ok().filter(|k| !k.is_empty())),
         };
         if let Some(k) = &api_key {
             anyhow::ensure!(k.len() >= 8, "the API key must be at least 8 characters");

@@ -51,6 +51,7 @@ pub struct Client {
     addr: SocketAddr,
     sender: http1::SendRequest<Full<Bytes>>,
     auth: Option<String>,
+    headers: Vec<(String, String)>,
 }
 
 impl Client {
@@ -70,12 +71,19 @@ impl Client {
             addr,
             sender,
             auth: None,
+            headers: Vec::new(),
         })
     }
 
     /// Sends `Authorization: Bearer KEY` on every request.
     pub fn with_api_key(mut self, key: Option<String>) -> Self {
         self.auth = key;
+        self
+    }
+
+    /// Sends this header on every request (e.g. `X-Request-Id`).
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
         self
     }
 
@@ -110,6 +118,9 @@ impl Client {
         }
         if let Some(key) = &self.auth {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
         }
         let resp = self.sender.send_request(req.body(Full::new(body))?).await?;
         let status = resp.status().as_u16();

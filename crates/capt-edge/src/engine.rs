@@ -40,42 +40,42 @@ pub enum DeviceKind {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct EngineArgs {
     /// Inference engine.
-    #[arg(long, value_enum, default_value_t = BackendKind::Tract)]
+    #[arg(long, env = "CAPT_EDGE_BACKEND", value_enum, default_value_t = BackendKind::Tract)]
     pub backend: BackendKind,
     /// Compute threads (0: all cores for tract, ONNX Runtime's default for ort).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "CAPT_EDGE_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// Execution device (ort only): cpu, cuda or tensorrt.
-    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    #[arg(long, env = "CAPT_EDGE_DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
     /// GPU ordinal for cuda/tensorrt.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "CAPT_EDGE_DEVICE_ID", default_value_t = 0)]
     pub device_id: i32,
     /// Run on CPU if the requested device cannot be used, instead of failing.
-    #[arg(long)]
+    #[arg(long, env = "CAPT_EDGE_ALLOW_FALLBACK")]
     pub allow_fallback: bool,
     /// tract: batch sizes > 1 also compiled for their exact shape (each costs a copy of the
     /// packed weights); others run image by image, side by side across threads, on the batch-1
     /// plan, which measured faster on ViT-B/16 (b8: 1556 ms vs 1995 ms with a b8 plan).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "CAPT_EDGE_TRACT_FIXED_BATCH", value_delimiter = ',')]
     pub tract_fixed_batch: Vec<usize>,
     /// Path of libonnxruntime.so (>= 1.31); default: ORT_DYLIB_PATH, then the loader's paths.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "CAPT_EDGE_ORT_LIB", value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
     /// ort: graph optimisation level.
-    #[arg(long, value_enum, default_value_t = OrtOptLevel::All, value_name = "LEVEL")]
+    #[arg(long, env = "CAPT_EDGE_ORT_OPT_LEVEL", value_enum, default_value_t = OrtOptLevel::All, value_name = "LEVEL")]
     pub ort_opt_level: OrtOptLevel,
     /// ort: intra-op threads spin while waiting for work (on: lower latency; off: less idle
     /// CPU). Default: ONNX Runtime's (on).
-    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    #[arg(long, env = "CAPT_EDGE_ORT_SPINNING", value_name = "on|off", value_parser = parse_on_off)]
     pub ort_spinning: Option<bool>,
     /// ort: CPUs of the intra-op threads other than the caller, ONNX Runtime's
     /// `session.intra_op_thread_affinities` syntax (1-based), e.g. "2;3" with --threads 3.
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, env = "CAPT_EDGE_ORT_AFFINITY", value_name = "LIST")]
     pub ort_affinity: Option<String>,
     /// ort: do not keep ONNX Runtime's optimised graph in <model>/.ort-cache/ (by default it
     /// is written on the first CPU start when the folder is writable, and loaded after).
-    #[arg(long)]
+    #[arg(long, env = "CAPT_EDGE_NO_ORT_CACHE")]
     pub no_ort_cache: bool,
 }
 

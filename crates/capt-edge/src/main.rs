@@ -16,11 +16,19 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if cli.json_logs {
+        // One JSON object per event; the request span's id and route come with it.
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -115,9 +123,21 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         if !local.ip().is_loopback() && cfg.api_key.is_none() {
             tracing::warn!(addr = %local, "listening on a non-loopback address without --api-key: anyone who can reach it can use it");
         }
+        let probes = match &args.metrics_addr {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {a}: {e}"))?;
+                tracing::info!(addr = %l.local_addr()?, "serving /metrics, /healthz, /readyz without the API key");
+                Some(l)
+            }
+            None => None,
+        };
         tracing::info!(addr = %local, auth = cfg.api_key.is_some(), "serving");
         let server = Server::new(engine.model, engine.backend, cfg)?;
-        server.run(listener, shutdown_signal()).await?;
+        server
+            .run_with_probes(listener, probes, shutdown_signal())
+            .await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

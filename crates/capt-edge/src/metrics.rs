@@ -1,5 +1,7 @@
-//! Prometheus text metrics, kept by hand with atomics (no metrics crate): request counts by
-//! route and status, request and inference latency, batch sizes, queue depth, errors.
+//! Prometheus text metrics, kept by hand with atomics (no metrics crate): request counts and
+//! latency by route and status (a probe or a scrape never lands in the classify series),
+//! inference latency, batch sizes, queue depth, errors, `capt_edge_build_info` and the
+//! standard `process_*` metrics (Linux /proc).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -52,15 +54,25 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The buckets, sum and count of one series; `labels` like `route="/x",status="200"`.
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
+        let (open, sep) = if labels.is_empty() {
+            (String::new(), "")
+        } else {
+            (format!("{{{labels}}}"), ",")
+        };
         let mut cum = 0;
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             cum += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
         }
         let n = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {n}");
         let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {n}");
+        let _ = writeln!(out, "{name}_sum{open} {sum}\n{name}_count{open} {n}");
     }
 }
 
@@ -73,7 +85,8 @@ const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
-    pub request_seconds: Histogram,
+    /// End-to-end latency per (route, status).
+    request_seconds: Mutex<BTreeMap<(String, u16), Histogram>>,
     pub inference_seconds: Histogram,
     pub queue_wait_seconds: Histogram,
     pub batch_size: Histogram,
@@ -86,7 +99,7 @@ impl Default for Metrics {
         Self {
             requests: Mutex::default(),
             errors: Mutex::default(),
-            request_seconds: Histogram::new(LATENCY_BOUNDS),
+            request_seconds: Mutex::default(),
             inference_seconds: Histogram::new(LATENCY_BOUNDS),
             queue_wait_seconds: Histogram::new(LATENCY_BOUNDS),
             batch_size: Histogram::new(BATCH_BOUNDS),
@@ -104,7 +117,23 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry((route.to_string(), status))
             .or_default() += 1;
-        self.request_seconds.observe(seconds);
+        self.request_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((route.to_string(), status))
+            .or_insert_with(|| Histogram::new(LATENCY_BOUNDS))
+            .observe(seconds);
+    }
+
+    /// Latency observations of `route`, all statuses.
+    pub fn request_latency_count(&self, route: &str) -> u64 {
+        self.request_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((r, _), _)| r == route)
+            .map(|(_, h)| h.count())
+            .sum()
     }
 
     /// Counts an error by its machine-readable code.
@@ -127,8 +156,8 @@ impl Metrics {
             .sum()
     }
 
-    /// Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, queue_depth: usize, in_flight: usize) -> String {
+    /// Prometheus text exposition (format 0.0.4); `info` labels `capt_edge_build_info`.
+    pub fn render(&self, queue_depth: usize, in_flight: usize, info: &[(&str, &str)]) -> String {
         let mut out = String::new();
         out.push_str("# HELP capt_requests_total HTTP requests by route and status.\n# TYPE capt_requests_total counter\n");
         for ((route, status), n) in self
@@ -146,11 +175,19 @@ impl Metrics {
         for (code, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "capt_errors_total{{code=\"{code}\"}} {n}");
         }
-        self.request_seconds.render(
-            &mut out,
-            "capt_request_duration_seconds",
-            "End-to-end HTTP request latency.",
-        );
+        out.push_str("# HELP capt_request_duration_seconds End-to-end HTTP request latency by route and status.\n# TYPE capt_request_duration_seconds histogram\n");
+        for ((route, status), h) in self
+            .request_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            h.render_series(
+                &mut out,
+                "capt_request_duration_seconds",
+                &format!("route=\"{route}\",status=\"{status}\""),
+            );
+        }
         self.inference_seconds.render(
             &mut out,
             "capt_inference_duration_seconds",
@@ -181,8 +218,54 @@ impl Metrics {
             out,
             "# HELP capt_in_flight_requests Requests being handled.\n# TYPE capt_in_flight_requests gauge\ncapt_in_flight_requests {in_flight}"
         );
+        let labels: Vec<String> = info
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "# HELP capt_edge_build_info The running capt-edge: version, backend, model.\n# TYPE capt_edge_build_info gauge\ncapt_edge_build_info{{{}}} 1",
+            labels.join(",")
+        );
+        out.push_str(&process_metrics());
         out
     }
+}
+
+/// The standard `process_*` metrics of this process (Linux; empty elsewhere): CPU seconds,
+/// resident and virtual memory, open file descriptors, start time.
+pub fn process_metrics() -> String {
+    let mut out = String::new();
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return out;
+    };
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    // Kernel clock ticks per second: 100 on every Linux this runs on (USER_HZ).
+    let hz = 100.0;
+    if let (Some(ut), Some(st)) = (num(11), num(12)) {
+        let _ = writeln!(out, "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}", (ut + st) / hz);
+    }
+    if let Some(vsize) = num(20) {
+        let _ = writeln!(out, "# HELP process_virtual_memory_bytes Virtual memory size in bytes.\n# TYPE process_virtual_memory_bytes gauge\nprocess_virtual_memory_bytes {vsize}");
+    }
+    if let Some(rss) = num(21) {
+        let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}", rss * 4096.0);
+    }
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(b), Some(start)) = (btime, num(19)) {
+        let _ = writeln!(out, "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {}", b + start / hz);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(out, "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}", fds.count());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -210,7 +293,7 @@ mod tests {
         m.record_request("/v1/classify", 200, 0.01);
         m.record_request("/v1/classify", 503, 0.001);
         m.record_error("queue_full");
-        let s = m.render(3, 1);
+        let s = m.render(3, 1, &[("version", "0.1.0"), ("backend", "tract")]);
         assert!(
             s.contains("capt_requests_total{route=\"/v1/classify\",status=\"503\"} 1"),
             "{s}"
@@ -218,5 +301,21 @@ mod tests {
         assert!(s.contains("capt_errors_total{code=\"queue_full\"} 1"));
         assert!(s.contains("capt_queue_depth 3"));
         assert_eq!(m.requests_with_status(200), 1);
+        assert!(
+            s.contains(
+                "capt_request_duration_seconds_count{route=\"/v1/classify\",status=\"503\"} 1"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("capt_edge_build_info{version=\"0.1.0\",backend=\"tract\"} 1"));
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(s.contains(&format!("\n{name} ")), "{name} missing:\n{s}");
+        }
     }
 }

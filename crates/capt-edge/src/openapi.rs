@@ -48,6 +48,7 @@ pub fn document() -> Value {
             }
         },
         "security": [{"bearer": []}],
+        "x-request-id": "Every response carries X-Request-Id: the client's when it is 1-128 characters of [A-Za-z0-9._-], else a new one; the request's log lines carry it too.",
         "paths": {
             "/v1/classify": {"post": {
                 "summary": "Classify one image (raw body) or several (multipart/form-data, one file part each).",
@@ -69,7 +70,9 @@ pub fn document() -> Value {
             }},
             "/v1/model": {"get": {"summary": "Model name, version, classes, preprocessing, backend, limits.",
                 "responses": {"200": {"description": "model description"}, "401": err("missing or wrong API key")}}},
-            "/healthz": {"get": {"summary": "Liveness (no auth).", "security": [], "responses": {"200": {"description": "alive"}}}},
+            "/healthz": {"get": {"summary": "Liveness (no auth); `?deep=1` runs one image through the queue and the backend.", "security": [],
+                "parameters": [{"name": "deep", "in": "query", "schema": {"type": "string", "enum": ["0", "1", "true", "false"]}}],
+                "responses": {"200": {"description": "alive (deep: the model answered)"}, "503": {"description": "deep check failed (the reason is in the body)"}}}},
             "/readyz": {"get": {"summary": "Readiness (no auth); 503 while shutting down.", "security": [],
                 "responses": {"200": {"description": "ready"}, "503": {"description": "shutting down"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "text exposition format 0.0.4"}}}},

@@ -119,6 +119,21 @@ impl Server {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.run_with_probes(listener, None, shutdown).await
+    }
+
+    /// [`Self::run`], also serving [`probe_router`] on `probes` (unauthenticated) until the
+    /// main listener has drained.
+    pub async fn run_with_probes(
+        self,
+        listener: tokio::net::TcpListener,
+        probes: Option<tokio::net::TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let probe_task = probes.map(|l| {
+            let app = probe_router(self.state.clone());
+            tokio::spawn(async move { axum::serve(l, app).await })
+        });
         let state = self.state.clone();
         let signal = async move {
             shutdown.await;
@@ -131,6 +146,9 @@ impl Server {
         axum::serve(listener, self.router())
             .with_graceful_shutdown(signal)
             .await?;
+        if let Some(t) = probe_task {
+            t.abort();
+        }
         let batcher = self.state.batcher.clone();
         let _ = tokio::task::spawn_blocking(move || batcher.shutdown()).await;
         tracing::info!("server stopped");
@@ -160,6 +178,55 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The unauthenticated probe and scrape routes (`/metrics`, `/healthz`, `/readyz`) for a
+/// separate listener (`--metrics-addr`), as TEI and Triton serve them.
+pub fn probe_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A request id: the client's `X-Request-Id` when it is 1-128 characters of
+/// `[A-Za-z0-9._-]`, else a fresh one; echoed in the response and carried by the request's logs.
+async fn request_id(req: Request, next: Next) -> Response {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let given = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=128).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+        .map(str::to_string);
+    let id = given.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        format!(
+            "{:08x}{:08x}",
+            (nanos >> 16) as u32,
+            NEXT.fetch_add(1, Ordering::Relaxed) as u32 ^ std::process::id()
+        )
+    });
+    let span =
+        tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// The request-id header.
+pub const REQUEST_ID: &str = "x-request-id";
+
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/classify", post(classify))
@@ -174,6 +241,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.cfg.body_limit))
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
 
@@ -236,8 +304,17 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
     st.in_flight.fetch_add(1, Ordering::SeqCst);
     let resp = next.run(req).await;
     st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let seconds = t.elapsed().as_secs_f64();
     st.metrics
-        .record_request(&route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+        .record_request(&route, resp.status().as_u16(), seconds);
+    // One line per API request (inside the request-id span); probes and scrapes stay quiet.
+    if !matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {
+        tracing::info!(
+            status = resp.status().as_u16(),
+            ms = (seconds * 1e3 * 100.0).round() / 100.0,
+            "request done"
+        );
+    }
     if let Some(ErrorCode(code)) = resp.extensions().get::<ErrorCode>() {
         st.metrics.record_error(code);
     }
@@ -279,8 +356,46 @@ async fn not_found() -> ApiError {
     )
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+#[derive(Debug, Deserialize)]
+struct HealthQuery {
+    /// Run one image through the queue and the backend (`?deep=1`), as TEI's /health does.
+    #[serde(default)]
+    deep: Option<String>,
+}
+
+async fn healthz(
+    State(st): State<Arc<AppState>>,
+    q: Result<Query<HealthQuery>, QueryRejection>,
+) -> Response {
+    let deep =
+        matches!(q, Ok(Query(HealthQuery { deep: Some(ref d) })) if d != "0" && d != "false");
+    if !deep {
+        return (StatusCode::OK, "ok\n").into_response();
+    }
+    // One synthetic image through the batching queue: the backend really answers.
+    let crop = st.model.manifest.preprocess.crop as usize;
+    let image = capt_backend::synthetic_batch(1, crop);
+    let answer = match st.batcher.submit(image.data, 1) {
+        Ok(rx) => match tokio::time::timeout(st.cfg.request_timeout, rx).await {
+            Ok(Ok(Ok(reply))) if reply.output.logits.iter().all(|v| v.is_finite()) => Ok(()),
+            Ok(Ok(Ok(_))) => Err("the model returned non-finite logits".to_string()),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(_)) => Err("the batch worker dropped the request".to_string()),
+            Err(_) => Err("no answer within the request timeout".to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    match answer {
+        Ok(()) => (StatusCode::OK, "ok (inference)\n").into_response(),
+        Err(why) => {
+            tracing::warn!("deep health check failed: {why}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unhealthy: {why}\n"),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
@@ -292,9 +407,19 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let body = st
-        .metrics
-        .render(st.batcher.depth(), st.in_flight.load(Ordering::SeqCst));
+    let version = st.model.version();
+    let info = [
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("backend", st.backend.as_str()),
+        ("model", st.model.manifest.model_name.as_str()),
+        ("model_version", version.as_str()),
+        ("precision", st.model.manifest.precision.as_str()),
+    ];
+    let body = st.metrics.render(
+        st.batcher.depth(),
+        st.in_flight.load(Ordering::SeqCst),
+        &info,
+    );
     (
         [(
             header::CONTENT_TYPE,

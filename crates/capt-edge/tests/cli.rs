@@ -341,6 +341,77 @@ fn serve_binary_stops_cleanly_on_sigterm() {
     assert!(rest.contains("server stopped"), "{rest}");
 }
 
+/// Every serve flag can come from the environment (`CAPT_EDGE_*`); `--json-logs` writes one
+/// JSON object per line, and a request's log line carries its request id.
+#[test]
+fn serve_takes_its_flags_from_the_environment_and_logs_json() {
+    let mut child = bin()
+        .arg("serve")
+        .env("CAPT_EDGE_MODEL", model_arg())
+        .env("CAPT_EDGE_ADDR", "127.0.0.1:0")
+        .env("CAPT_EDGE_THREADS", "1")
+        .env("CAPT_EDGE_TOP_K", "2")
+        .env("CAPT_EDGE_JSON_LOGS", "true")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let started = Instant::now();
+    let mut addr = None;
+    let mut line = String::new();
+    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if v["fields"]["message"] == "serving" {
+            addr = v["fields"]["addr"]
+                .as_str()
+                .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
+        }
+    }
+    let addr = addr.expect("server logged its address as JSON");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = capt_edge::client::Client::connect(addr)
+            .await
+            .unwrap()
+            .with_header("x-request-id", "env-test-7");
+        let r = c
+            .post("/v1/classify", "image/png", image("noise_32.png"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        // CAPT_EDGE_TOP_K=2 took effect.
+        assert_eq!(r.json()["results"][0]["top_k"].as_array().unwrap().len(), 2);
+        assert_eq!(r.header("x-request-id"), Some("env-test-7"));
+    });
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let done: Vec<serde_json::Value> = rest
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["fields"]["message"] == "request done")
+        .collect();
+    assert!(
+        done.iter().any(|v| v["span"]["id"] == "env-test-7"),
+        "no request log line with the request id: {rest}"
+    );
+}
+
 /// Needs ONNX Runtime: skipped with a notice unless ORT_DYLIB_PATH names the library.
 #[cfg(feature = "ort")]
 #[test]

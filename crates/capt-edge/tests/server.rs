@@ -160,6 +160,79 @@ async fn every_endpoint_answers() {
     srv.shutdown().await;
 }
 
+/// Probes and scrapes never land in the classify latency series; the probe port serves
+/// /metrics, /healthz (deep too) and /readyz without the key; every answer carries a request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_stay_out_of_the_classify_series_and_requests_carry_ids() {
+    let mut config = cfg();
+    let key = "probe-test-key-123".to_string();
+    config.api_key = Some(key.clone());
+    let (srv, probe) = TestServer::start_with_probes(tract(), config, true).await;
+    let probe = probe.unwrap();
+    let mut c = srv.client().await.with_api_key(Some(key));
+    let r = c
+        .post("/v1/classify", "image/png", image("noise_32.png"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let generated = r.header("x-request-id").unwrap().to_string();
+    assert!(!generated.is_empty());
+    let classify_count = srv.state.metrics.request_latency_count("/v1/classify");
+    assert_eq!(classify_count, 1);
+
+    // The probe port: no key needed; deep health runs an inference through the queue.
+    let mut p = capt_edge::client::Client::connect(probe).await.unwrap();
+    for path in ["/healthz", "/readyz", "/healthz?deep=1", "/metrics"] {
+        let r = p.get(path).await.unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert!(p
+        .get("/healthz?deep=1")
+        .await
+        .unwrap()
+        .text()
+        .contains("inference"));
+    assert_eq!(p.get("/v1/classify").await.unwrap().status, 404);
+    // The main port still wants the key for /metrics.
+    let mut stranger = srv.client().await;
+    assert_eq!(stranger.get("/metrics").await.unwrap().status, 401);
+    for _ in 0..3 {
+        assert_eq!(c.get("/healthz").await.unwrap().status, 200);
+        assert_eq!(c.get("/metrics").await.unwrap().status, 200);
+    }
+    // Deep health used the backend, not the classify route.
+    assert_eq!(
+        srv.state.metrics.request_latency_count("/v1/classify"),
+        classify_count,
+        "probes and scrapes must not change the classify latency series"
+    );
+    let text = p.get("/metrics").await.unwrap().text();
+    for needle in [
+        "capt_request_duration_seconds_count{route=\"/v1/classify\",status=\"200\"} 1",
+        "capt_request_duration_seconds_count{route=\"/healthz\",status=\"200\"} 3",
+        "capt_edge_build_info{version=",
+        "process_resident_memory_bytes ",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
+    }
+
+    // A client's own request id is echoed; an unusable one is replaced.
+    let mut tagged = srv
+        .client()
+        .await
+        .with_header("x-request-id", "order-42.a_b");
+    let r = tagged.get("/healthz").await.unwrap();
+    assert_eq!(r.header("x-request-id"), Some("order-42.a_b"));
+    let mut bad = srv
+        .client()
+        .await
+        .with_header("x-request-id", "spaces are not ok");
+    let r = bad.get("/healthz").await.unwrap();
+    let id = r.header("x-request-id").unwrap();
+    assert!(id != "spaces are not ok" && !id.is_empty());
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_coalesce_into_batches() {
     let counting = Counting::new(tract());

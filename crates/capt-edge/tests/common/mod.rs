@@ -138,20 +138,39 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(backend: Arc<dyn Backend>, cfg: ServerConfig) -> Self {
+        Self::start_with_probes(backend, cfg, false).await.0
+    }
+
+    /// [`Self::start`], with the unauthenticated probe listener (`--metrics-addr`) when
+    /// `probes`; returns its address.
+    pub async fn start_with_probes(
+        backend: Arc<dyn Backend>,
+        cfg: ServerConfig,
+        probes: bool,
+    ) -> (Self, Option<SocketAddr>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let probe = if probes {
+            Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let probe_addr = probe.as_ref().map(|l| l.local_addr().unwrap());
         let server = Server::new(model(), backend, cfg).unwrap();
         let state = server.state();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(server.run(listener, async {
+        let handle = tokio::spawn(server.run_with_probes(listener, probe, async {
             let _ = rx.await;
         }));
-        Self {
-            addr,
-            state,
-            stop: Some(tx),
-            handle,
-        }
+        (
+            Self {
+                addr,
+                state,
+                stop: Some(tx),
+                handle,
+            },
+            probe_addr,
+        )
     }
 
     pub async fn client(&self) -> capt_edge::client::Client {
