@@ -8,6 +8,32 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Spawns `capt-edge serve` from `cmd` (stderr piped) and waits up to 60 s for the log line
+/// from which `addr_of` reads the listening address.
+fn spawn_serve(
+    mut cmd: Command,
+    addr_of: impl Fn(&str) -> Option<std::net::SocketAddr>,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    std::net::SocketAddr,
+) {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let started = Instant::now();
+    let mut addr = None;
+    let mut line = String::new();
+    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        addr = addr_of(&line);
+    }
+    let addr = addr.expect("server logged its address");
+    (child, stderr, addr)
+}
+
 fn model_arg() -> String {
     fixture().join("model").display().to_string()
 }
@@ -276,37 +302,26 @@ fn bench_compare_times_two_models_interleaved() {
 
 #[test]
 fn serve_binary_stops_cleanly_on_sigterm() {
-    let mut child = bin()
-        .args([
-            "serve",
-            "--model",
-            &model_arg(),
-            "--addr",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let started = Instant::now();
-    let mut addr = None;
-    let mut line = String::new();
-    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
-        line.clear();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        if line.contains("serving") {
-            addr = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
-        }
-    }
-    let addr = addr.expect("server printed its address");
+    let mut cmd = bin();
+    cmd.args([
+        "serve",
+        "--model",
+        &model_arg(),
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ])
+    .env("RUST_LOG", "info");
+    let (mut child, mut stderr, addr) = spawn_serve(cmd, |line| {
+        line.contains("serving")
+            .then(|| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .map(|a| a.parse().unwrap())
+            })
+            .flatten()
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -345,35 +360,21 @@ fn serve_binary_stops_cleanly_on_sigterm() {
 /// JSON object per line, and a request's log line carries its request id.
 #[test]
 fn serve_takes_its_flags_from_the_environment_and_logs_json() {
-    let mut child = bin()
-        .arg("serve")
+    let mut cmd = bin();
+    cmd.arg("serve")
         .env("CAPT_EDGE_MODEL", model_arg())
         .env("CAPT_EDGE_ADDR", "127.0.0.1:0")
         .env("CAPT_EDGE_THREADS", "1")
         .env("CAPT_EDGE_TOP_K", "2")
         .env("CAPT_EDGE_JSON_LOGS", "true")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let started = Instant::now();
-    let mut addr = None;
-    let mut line = String::new();
-    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
-        line.clear();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
+        .env("RUST_LOG", "info");
+    let (mut child, mut stderr, addr) = spawn_serve(cmd, |line| {
+        let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        if v["fields"]["message"] == "serving" {
-            addr = v["fields"]["addr"]
-                .as_str()
-                .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
-        }
-    }
-    let addr = addr.expect("server logged its address as JSON");
+        (v["fields"]["message"] == "serving")
+            .then(|| v["fields"]["addr"].as_str().map(|a| a.parse().unwrap()))
+            .flatten()
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
