@@ -17,7 +17,7 @@ if [ -z "${ORT_DYLIB_PATH:-}" ] && [ "${CAPT_WITH_PY:-1}" = 1 ]; then
     python3 -m venv "$venv" 2>/dev/null || echo "notice: python3 -m venv failed; ort and checker tests will skip"
   fi
   if [ -x "$venv/bin/pip" ]; then
-    "$venv/bin/pip" install -q --disable-pip-version-check onnxruntime==1.32.0 onnx==1.23.2 numpy==2.4.6 \
+    "$venv/bin/pip" install -q --disable-pip-version-check onnxruntime==1.32.0 onnx==1.23.2 numpy==2.4.6 requests==2.32.5 \
       || echo "notice: could not install onnxruntime/onnx from PyPI; ort and checker tests will skip"
   fi
   lib=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1 || true)

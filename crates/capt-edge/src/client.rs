@@ -56,7 +56,12 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Result<Self, ClientError> {
-        if !addr.ip().is_loopback() {
+        Self::connect_to(addr, false).await
+    }
+
+    /// [`Self::connect`]; a non-loopback `addr` only with `allow_remote`.
+    pub async fn connect_to(addr: SocketAddr, allow_remote: bool) -> Result<Self, ClientError> {
+        if !allow_remote && !addr.ip().is_loopback() {
             return Err(ClientError::NotLoopback(addr));
         }
         let stream = tokio::net::TcpStream::connect(addr)

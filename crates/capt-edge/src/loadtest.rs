@@ -15,9 +15,13 @@ use crate::client::Client;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadtestArgs {
-    /// Server address (loopback only), e.g. 127.0.0.1:8080.
+    /// Server address, e.g. 127.0.0.1:8080; another machine only with --allow-remote.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,
+    /// Allow a non-loopback --addr (load-testing a server you run elsewhere; never point this
+    /// at a server you do not own).
+    #[arg(long)]
+    pub allow_remote: bool,
     /// Image posted as the raw body of every request.
     #[arg(long)]
     pub image: PathBuf,
@@ -70,21 +74,32 @@ struct Sample {
 
 /// Resolves `addr` and refuses anything but a loopback address.
 pub fn loopback_addr(addr: &str) -> anyhow::Result<SocketAddr> {
+    target_addr(addr, false)
+}
+
+/// Resolves `addr`; without `allow_remote` only a loopback address is accepted.
+pub fn target_addr(addr: &str, allow_remote: bool) -> anyhow::Result<SocketAddr> {
     let resolved: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| anyhow::anyhow!("cannot resolve {addr}: {e}"))?
         .collect();
+    if allow_remote {
+        return resolved
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("{addr} resolves to no address"));
+    }
     resolved
         .iter()
         .copied()
         .find(|a| a.ip().is_loopback())
-        .ok_or_else(|| anyhow::anyhow!("{addr} is not a loopback address; the load test only targets this machine (127.0.0.1, ::1, localhost)"))
+        .ok_or_else(|| anyhow::anyhow!("{addr} is not a loopback address; the load test targets this machine (127.0.0.1, ::1, localhost) unless --allow-remote is given"))
 }
 
 pub async fn wait_ready(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
     let until = Instant::now() + within;
     loop {
-        if let Ok(mut c) = Client::connect(addr).await {
+        if let Ok(mut c) = Client::connect_to(addr, true).await {
             if c.get("/readyz").await.is_ok_and(|r| r.status == 200) {
                 return Ok(());
             }
@@ -98,7 +113,7 @@ pub async fn wait_ready(addr: SocketAddr, within: Duration) -> anyhow::Result<()
 }
 
 pub async fn run(args: &LoadtestArgs) -> anyhow::Result<Vec<LevelReport>> {
-    let addr = loopback_addr(&args.addr)?;
+    let addr = target_addr(&args.addr, args.allow_remote)?;
     let image = Bytes::from(
         std::fs::read(&args.image)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.image.display()))?,
@@ -144,7 +159,7 @@ async fn level(
                     break;
                 }
                 if client.is_none() {
-                    match Client::connect(addr).await {
+                    match Client::connect_to(addr, true).await {
                         Ok(c) => client = Some(c.with_api_key(key.clone())),
                         Err(_) => {
                             transport_errors += 1;
@@ -267,6 +282,13 @@ mod tests {
         assert!(loopback_addr("127.0.0.1:9").is_ok());
         assert!(loopback_addr("[::1]:9").is_ok());
         let e = loopback_addr("10.1.2.3:80").unwrap_err().to_string();
-        assert!(e.contains("not a loopback"), "{e}");
+        assert!(
+            e.contains("not a loopback") && e.contains("--allow-remote"),
+            "{e}"
+        );
+        assert_eq!(
+            target_addr("10.1.2.3:80", true).unwrap(),
+            "10.1.2.3:80".parse::<SocketAddr>().unwrap()
+        );
     }
 }

@@ -413,6 +413,92 @@ fn serve_takes_its_flags_from_the_environment_and_logs_json() {
     );
 }
 
+/// examples/client.py (requests only) against a running server: one image as the raw body,
+/// two as multipart, and a non-image answered with the server's error. Skipped, with a
+/// notice, without a Python that has `requests` (CAPT_PYTHON, set by tools/test.sh).
+#[test]
+fn python_client_example_talks_to_a_running_server() {
+    let py = std::env::var_os("CAPT_PYTHON").filter(|p| {
+        Command::new(p)
+            .args(["-c", "import requests"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let Some(py) = py else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED python_client_example_talks_to_a_running_server: no CAPT_PYTHON with requests"
+        );
+        return;
+    };
+    let mut cmd = bin();
+    cmd.args([
+        "serve",
+        "--model",
+        &model_arg(),
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ])
+    .env("RUST_LOG", "info");
+    let (mut child, _stderr, addr) = spawn_serve(cmd, |line| {
+        line.contains("serving")
+            .then(|| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .map(|a| a.parse().unwrap())
+            })
+            .flatten()
+    });
+    let client = fixture().join("../../../examples/client.py");
+    let url = format!("http://{addr}");
+    let img = |n: &str| fixture().join("images").join(n);
+    let run = |args: &[&std::ffi::OsStr]| {
+        Command::new(&py)
+            .arg(&client)
+            .args(["--url", &url, "--top-k", "2"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let one = run(&[img("noise_32.png").as_os_str()]);
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(
+        one.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    assert!(
+        text.starts_with("body: ") && text.matches('(').count() == 2,
+        "{text}"
+    );
+    let two = run(&[
+        img("noise_32.png").as_os_str(),
+        img("gradient_32.png").as_os_str(),
+    ]);
+    let text = String::from_utf8_lossy(&two.stdout);
+    assert!(two.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with("noise_32.png: ")
+            && lines[1].starts_with("gradient_32.png: "),
+        "{text}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let not_image = tmp.path().join("notes.txt");
+    std::fs::write(&not_image, b"not an image").unwrap();
+    let bad = run(&[not_image.as_os_str()]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("error 400"), "{err}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
 /// Needs ONNX Runtime: skipped with a notice unless ORT_DYLIB_PATH names the library.
 #[cfg(feature = "ort")]
 #[test]
