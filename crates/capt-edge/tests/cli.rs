@@ -34,6 +34,34 @@ fn spawn_serve(
     (child, stderr, addr)
 }
 
+/// `capt-edge serve` on the fixture model (port 0, one thread, text logs), started.
+fn spawn_text_serve() -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    std::net::SocketAddr,
+) {
+    let mut cmd = bin();
+    cmd.args([
+        "serve",
+        "--model",
+        &model_arg(),
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ])
+    .env("RUST_LOG", "info");
+    spawn_serve(cmd, |line| {
+        line.contains("serving")
+            .then(|| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .map(|a| a.parse().unwrap())
+            })
+            .flatten()
+    })
+}
+
 fn model_arg() -> String {
     fixture().join("model").display().to_string()
 }
@@ -302,26 +330,7 @@ fn bench_compare_times_two_models_interleaved() {
 
 #[test]
 fn serve_binary_stops_cleanly_on_sigterm() {
-    let mut cmd = bin();
-    cmd.args([
-        "serve",
-        "--model",
-        &model_arg(),
-        "--addr",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-    ])
-    .env("RUST_LOG", "info");
-    let (mut child, mut stderr, addr) = spawn_serve(cmd, |line| {
-        line.contains("serving")
-            .then(|| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .map(|a| a.parse().unwrap())
-            })
-            .flatten()
-    });
+    let (mut child, mut stderr, addr) = spawn_text_serve();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -431,26 +440,7 @@ fn python_client_example_talks_to_a_running_server() {
         );
         return;
     };
-    let mut cmd = bin();
-    cmd.args([
-        "serve",
-        "--model",
-        &model_arg(),
-        "--addr",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-    ])
-    .env("RUST_LOG", "info");
-    let (mut child, _stderr, addr) = spawn_serve(cmd, |line| {
-        line.contains("serving")
-            .then(|| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .map(|a| a.parse().unwrap())
-            })
-            .flatten()
-    });
+    let (mut child, _stderr, addr) = spawn_text_serve();
     let client = fixture().join("../../../examples/client.py");
     let url = format!("http://{addr}");
     let img = |n: &str| fixture().join("images").join(n);
