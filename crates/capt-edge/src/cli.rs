@@ -99,6 +99,15 @@ pub struct ServeArgs {
     /// Read the API key from this file (first line).
     #[arg(long, env = "CAPT_EDGE_API_KEY_FILE", conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
+    /// Let browsers on these origins call the API (CORS), comma separated, or `*` for any;
+    /// off by default (no CORS headers).
+    #[arg(
+        long,
+        env = "CAPT_EDGE_CORS_ORIGIN",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub cors_origin: Vec<String>,
     /// Also serve /metrics, /healthz and /readyz on this address, without the API key (for
     /// Prometheus and orchestrator probes), e.g. 0.0.0.0:9090.
     #[arg(long, env = "CAPT_EDGE_METRICS_ADDR", value_name = "ADDR")]
@@ -117,6 +126,15 @@ impl ServeArgs {
         );
         anyhow::ensure!(self.max_images >= 1, "--max-images must be at least 1");
         anyhow::ensure!(self.top_k >= 1, "--top-k must be at least 1");
+        for o in &self.cors_origin {
+            anyhow::ensure!(
+                o == "*"
+                    || ((o.starts_with("http://") || o.starts_with("https://"))
+                        && !o.ends_with('/')
+                        && o.bytes().all(|b| b.is_ascii_graphic())),
+                "--cors-origin {o:?}: expected `*` or an origin such as https://app.example.com (scheme and host, optional port, no path)"
+            );
+        }
         anyhow::ensure!(
             self.request_timeout_ms >= 1,
             "--request-timeout-ms must be at least 1"
@@ -152,6 +170,7 @@ impl ServeArgs {
             },
             default_top_k: self.top_k,
             retry_after_seconds: 1,
+            cors_origins: self.cors_origin.clone(),
         })
     }
 }
@@ -203,5 +222,31 @@ mod tests {
         assert!(
             Cli::try_parse_from(["capt-edge", "bench", "--model", "m", "--device", "tpu"]).is_err()
         );
+    }
+
+    #[test]
+    fn cors_origins_are_checked() {
+        let serve = |origins: &str| {
+            let cli = Cli::try_parse_from([
+                "capt-edge",
+                "serve",
+                "--model",
+                "m",
+                "--cors-origin",
+                origins,
+            ])
+            .unwrap();
+            let Command::Serve(s) = cli.command else {
+                panic!("not serve")
+            };
+            s.server_config()
+        };
+        let ok = serve("https://a.example,http://localhost:3000").unwrap();
+        assert_eq!(ok.cors_origins.len(), 2);
+        assert!(serve("*").is_ok());
+        for bad in ["ftp://a.example", "https://a.example/", "a.example"] {
+            let e = serve(bad).unwrap_err().to_string();
+            assert!(e.contains("--cors-origin"), "{e}");
+        }
     }
 }

@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub default_top_k: usize,
     /// Seconds suggested in Retry-After when the queue is full.
     pub retry_after_seconds: u64,
+    /// Origins browsers may call the API from (CORS); empty: no CORS headers at all (the
+    /// default); `*`: any origin.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +52,7 @@ impl Default for ServerConfig {
             limits: InputLimits::default(),
             default_top_k: 5,
             retry_after_seconds: 1,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -227,6 +231,34 @@ async fn request_id(req: Request, next: Next) -> Response {
 /// The request-id header.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// The CORS layer for `origins` (none when empty).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::Method;
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::HeaderName::from_static(REQUEST_ID),
+            ])
+            .expose_headers([
+                header::HeaderName::from_static(REQUEST_ID),
+                header::RETRY_AFTER,
+            ]),
+    )
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/classify", post(classify))
@@ -234,15 +266,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(protected)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.cfg.body_limit))
-        .layer(middleware::from_fn(request_id))
-        .with_state(state)
+        .layer(middleware::from_fn(request_id));
+    // Outermost, so a browser's preflight is answered before auth and routing.
+    let app = match cors(&state.cfg.cors_origins) {
+        Some(layer) => app.layer(layer),
+        None => app,
+    };
+    app.with_state(state)
 }
 
 /// A JSON error: `{"error": {"code", "message"}}`.

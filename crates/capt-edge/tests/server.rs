@@ -233,6 +233,57 @@ async fn probes_stay_out_of_the_classify_series_and_requests_carry_ids() {
     srv.shutdown().await;
 }
 
+/// CORS is off unless origins are configured; then a preflight from an allowed origin is
+/// answered (before auth) and the request id is exposed to the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_off_by_default_and_answers_configured_origins() {
+    /// A browser's preflight for POST /v1/classify from `origin`.
+    async fn preflight(srv: &TestServer, origin: &str) -> capt_edge::client::Reply {
+        srv.client()
+            .await
+            .with_header("origin", origin)
+            .with_header("access-control-request-method", "POST")
+            .send("OPTIONS", "/v1/classify", None, Default::default())
+            .await
+            .unwrap()
+    }
+    let srv = TestServer::start(tract(), cfg()).await;
+    let r = preflight(&srv, "https://app.example").await;
+    assert!(r.header("access-control-allow-origin").is_none());
+    srv.shutdown().await;
+
+    let mut config = cfg();
+    config.cors_origins = vec!["https://app.example".into()];
+    config.api_key = Some("cors-test-key-123".into());
+    let srv = TestServer::start(tract(), config).await;
+    let r = preflight(&srv, "https://app.example").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let r = preflight(&srv, "https://evil.example").await;
+    assert!(r.header("access-control-allow-origin").is_none());
+    let mut page = srv
+        .client()
+        .await
+        .with_api_key(Some("cors-test-key-123".into()))
+        .with_header("origin", "https://app.example");
+    let r = page
+        .post("/v1/classify", "image/png", image("noise_32.png"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(r
+        .header("access-control-expose-headers")
+        .is_some_and(|h| h.contains("x-request-id")));
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_coalesce_into_batches() {
     let counting = Counting::new(tract());
