@@ -373,7 +373,7 @@ fn create_session(
         }
     }
     let cache = cache.filter(|_| device == Device::Cpu);
-    let tmp = cache.map(cache_tmp);
+    let tmp = cache.map(capt_core::fs::temp_sibling);
     match try_session(rt, path, opts, device, tmp.as_deref()) {
         Ok(s) => {
             let cached = match (cache, tmp) {
@@ -390,12 +390,6 @@ fn create_session(
         }
         Err(reason) => Err(load_error(path, reason)),
     }
-}
-
-/// A temporary sibling of the cache file, unique to this process.
-fn cache_tmp(cache: &Path) -> PathBuf {
-    let name = cache.file_name().unwrap_or_default().to_string_lossy();
-    cache.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
 /// Moves the graph ONNX Runtime wrote at `tmp` into place (a reader sees the old cache or the

@@ -83,9 +83,8 @@ const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 /// All server metrics. Shared as `Arc<Metrics>`.
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
-    /// End-to-end latency per (route, status).
+    /// End-to-end latency per (route, status); its counts are `capt_requests_total`.
     request_seconds: Mutex<BTreeMap<(String, u16), Histogram>>,
     pub inference_seconds: Histogram,
     pub queue_wait_seconds: Histogram,
@@ -97,7 +96,6 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            requests: Mutex::default(),
             errors: Mutex::default(),
             request_seconds: Mutex::default(),
             inference_seconds: Histogram::new(LATENCY_BOUNDS),
@@ -111,12 +109,6 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn record_request(&self, route: &str, status: u16, seconds: f64) {
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((route.to_string(), status))
-            .or_default() += 1;
         self.request_seconds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -147,12 +139,12 @@ impl Metrics {
     }
 
     pub fn requests_with_status(&self, status: u16) -> u64 {
-        self.requests
+        self.request_seconds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|((_, s), _)| *s == status)
-            .map(|(_, n)| n)
+            .map(|(_, h)| h.count())
             .sum()
     }
 
@@ -160,15 +152,16 @@ impl Metrics {
     pub fn render(&self, queue_depth: usize, in_flight: usize, info: &[(&str, &str)]) -> String {
         let mut out = String::new();
         out.push_str("# HELP capt_requests_total HTTP requests by route and status.\n# TYPE capt_requests_total counter\n");
-        for ((route, status), n) in self
-            .requests
+        for ((route, status), h) in self
+            .request_seconds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
             let _ = writeln!(
                 out,
-                "capt_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                "capt_requests_total{{route=\"{route}\",status=\"{status}\"}} {}",
+                h.count()
             );
         }
         out.push_str("# HELP capt_errors_total Failed requests by error code.\n# TYPE capt_errors_total counter\n");
